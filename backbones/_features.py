@@ -1,0 +1,107 @@
+"""The stage-walking part of the timm model API, shared by the hierarchical families.
+
+A family model sets ``self.stem``, ``self.stages`` (an nn.Sequential of stages, each with a
+``grad_checkpointing`` flag and ``blocks``), ``self.norm`` (final norm, may be Identity) and
+``self.feature_info``; ``stem_is_feature`` says whether the stem output is feature index 0
+(as timm's MaxViT does) or features are the stages only (PoolFormer).
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+
+
+class Stage(nn.Module):
+    """A sequence of blocks after an optional downsample, with gradient checkpointing."""
+
+    def __init__(self, blocks: List[nn.Module], downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class StagedModelMixin:
+    stem_is_feature = False
+
+    def _num_feature_taps(self) -> int:
+        return len(self.stages) + int(self.stem_is_feature)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stages in ``indices`` (timm semantics); ``norm`` applies the final norm
+        to the last stage's map when it is taken."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = self._num_feature_taps()
+        take, max_index = feature_take_indices(n, indices)
+        off = int(self.stem_is_feature)
+        out = []
+        x = self.stem(x)
+        if off and 0 in take:
+            out.append(x)
+        stages = self.stages if not stop_early or torch.jit.is_scripting() else self.stages[:max_index + 1 - off]
+        last = n - 1
+        for i, stage in enumerate(stages):
+            idx = i + off
+            x = stage(x)
+            if idx in take:
+                out.append(self.norm(x) if norm and idx == last else x)
+        if intermediates_only:
+            return out
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x, out
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        n = self._num_feature_taps()
+        take, max_index = feature_take_indices(n, indices)
+        off = int(self.stem_is_feature)
+        self.stages = self.stages[:max_index + 1 - off]
+        prune_end = max_index < n - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        return take

@@ -1,0 +1,190 @@
+"""PoolFormer (Yu et al., "MetaFormer Is Actually What You Need for Vision", CVPR 2022).
+
+Same architecture and state-dict layout as timm's ``poolformer_*`` (MetaFormer v1 configs):
+conv stem 7x7/4, stages of [GroupNorm -> pooling mixer -> layer scale] + [GroupNorm -> 1x1-conv MLP
+-> layer scale] blocks, 3x3/2 conv downsamples, pooled LayerNorm + linear head.
+``checkpoint_filter_fn`` also accepts the original sail-sg/poolformer release layout.
+"""
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from . import _registry
+from ._features import Stage, StagedModelMixin
+from ._weights import unwrap_state_dict
+from .layers import ChannelScale
+from .mixers import Pooling
+
+__all__ = ['PoolFormer']
+
+
+class PoolFormerBlock(nn.Module):
+    def __init__(self, dim: int, pool_size: int = 3, mlp_ratio: float = 4., drop_path: float = 0.,
+                 layer_scale_init_value: float = 1e-5, proj_drop: float = 0.):
+        super().__init__()
+        self.norm1 = GroupNorm1(dim)
+        self.token_mixer = Pooling(pool_size)
+        self.layer_scale1 = ChannelScale(dim, layer_scale_init_value)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = GroupNorm1(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, use_conv=True)
+        self.layer_scale2 = ChannelScale(dim, layer_scale_init_value)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.layer_scale1(self.token_mixer(self.norm1(x))))
+        x = x + self.drop_path2(self.layer_scale2(self.mlp(self.norm2(x))))
+        return x
+
+
+class Downsampling(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class PoolFormer(StagedModelMixin, nn.Module):
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (2, 2, 6, 2),
+            dims: Tuple[int, ...] = (64, 128, 320, 512),
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            pool_size: int = 3,
+            mlp_ratio: float = 4.,
+            layer_scale_init_value: float = 1e-5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.grad_checkpointing = False
+        self.stem = Downsampling(in_chans, dims[0], 7, 4, 2)
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        stages, self.feature_info = [], []
+        prev = dims[0]
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            down = Downsampling(prev, dim, 3, 2, 1) if dim != prev else None
+            blocks = [PoolFormerBlock(dim, pool_size, mlp_ratio, dpr[i][j], layer_scale_init_value, proj_drop_rate)
+                      for j in range(depth)]
+            stages.append(Stage(blocks, down))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
+            prev = dim
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()   # the final norm is the head's (applied after pooling)
+        self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                          norm_layer=LayerNorm2d)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer) -> Dict[str, torch.Tensor]:
+    """timm layout passes through; the original release layout (``network.*``, ``patch_embed``,
+    ``layer_scale_1``) is renamed to it."""
+    state_dict = unwrap_state_dict(state_dict)
+    if 'stem.conv.weight' in state_dict:
+        return state_dict
+    out = {}
+    for k, v in state_dict.items():
+        k = k.replace('patch_embed.proj', 'stem.conv')
+        m = re.match(r'network\.(\d+)\.(.*)', k)
+        if m:
+            idx, rest = int(m.group(1)), m.group(2)
+            if idx % 2:   # odd entries of the original `network` list are the downsamples
+                k = f'stages.{(idx + 1) // 2}.downsample.{rest.replace("proj.", "conv.")}'
+            else:
+                rest = re.sub(r'layer_scale_(\d)$', r'layer_scale\1.scale', rest)
+                k = f'stages.{idx // 2}.blocks.{rest}'
+        k = re.sub(r'^norm\.', 'head.norm.', k)
+        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+        out[k] = v
+    return out
+
+
+def _create_poolformer(variant: str, pretrained: bool = False, **kwargs) -> PoolFormer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        PoolFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'min_input_size': (3, 32, 32),
+        'license': 'apache-2.0', **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'mz_poolformer_s12.sail_in1k': _cfg(),
+    'mz_poolformer_s24.sail_in1k': _cfg(),
+    'mz_poolformer_s36.sail_in1k': _cfg(),
+    'mz_poolformer_m36.sail_in1k': _cfg(crop_pct=0.95),
+    'mz_poolformer_m48.sail_in1k': _cfg(crop_pct=0.95),
+})
+
+_S = (64, 128, 320, 512)
+_M = (96, 192, 384, 768)
+
+
+@register_model
+def mz_poolformer_s12(pretrained=False, **kwargs) -> PoolFormer:
+    return _create_poolformer('mz_poolformer_s12', pretrained, **dict(depths=(2, 2, 6, 2), dims=_S, **kwargs))
+
+
+@register_model
+def mz_poolformer_s24(pretrained=False, **kwargs) -> PoolFormer:
+    return _create_poolformer('mz_poolformer_s24', pretrained, **dict(depths=(4, 4, 12, 4), dims=_S, **kwargs))
+
+
+@register_model
+def mz_poolformer_s36(pretrained=False, **kwargs) -> PoolFormer:
+    return _create_poolformer('mz_poolformer_s36', pretrained, **dict(
+        depths=(6, 6, 18, 6), dims=_S, layer_scale_init_value=1e-6, **kwargs))
+
+
+@register_model
+def mz_poolformer_m36(pretrained=False, **kwargs) -> PoolFormer:
+    return _create_poolformer('mz_poolformer_m36', pretrained, **dict(
+        depths=(6, 6, 18, 6), dims=_M, layer_scale_init_value=1e-6, **kwargs))
+
+
+@register_model
+def mz_poolformer_m48(pretrained=False, **kwargs) -> PoolFormer:
+    return _create_poolformer('mz_poolformer_m48', pretrained, **dict(
+        depths=(8, 8, 24, 8), dims=_M, layer_scale_init_value=1e-6, **kwargs))
+
+
+for _n, _p, _g, _t in (('s12', 12, 1.8, 77.2), ('s24', 21, 3.4, 80.3), ('s36', 31, 5.0, 81.4),
+                       ('m36', 56, 8.8, 82.1), ('m48', 73, 11.6, 82.5)):
+    _registry.add(f'mz_poolformer_{_n}', 'poolformer', f'timm:poolformer_{_n}', _p, _g, _t,
+                  build_only=_n in ('m48',))

@@ -1,0 +1,218 @@
+"""Fused window attention in Triton: forward and backward, online softmax, additive bias and
+key mask read in place (no per-window bias copy, no materialised attention matrix).
+
+Layout: q, k, v are (B', heads, N, D) with arbitrary strides (views of a fused qkv projection
+work as they are); the output is allocated (B', N, heads, D) and returned as a (B', heads, N, D)
+view so the caller's ``transpose(1, 2).reshape(B', N, heads * D)`` is free.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpret
+
+
+def _configs():
+    # the interpreter (CPU tests) cannot autotune over several configs; one is enough there
+    if triton_interpret():
+        return [triton.Config({'BLOCK_M': 16, 'BLOCK_N': 16}, num_warps=1)]
+    return [triton.Config({'BLOCK_M': bm, 'BLOCK_N': bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 64, 2, 2))]
+
+
+@triton.jit
+def _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
+            skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Logits of a (query tile, key tile) pair with bias and -inf on invalid keys; also returns k."""
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+    s = tl.dot(q, tl.trans(k)) * scale
+    if HAS_BIAS:
+        s += tl.load(Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                     mask=(offs_m[:, None] < N) & (offs_n[None, :] < N), other=0.).to(tl.float32)
+    valid = offs_n < N
+    if HAS_MASK:
+        valid = valid & (tl.load(KMask + (b % M) * smm + offs_n * smn, mask=offs_n < N, other=0) != 0)
+    s = tl.where(valid[None, :], s, float('-inf'))
+    return s, k
+
+
+@triton.autotune(configs=_configs(), key=['N', 'BLOCK_D', 'HAS_BIAS', 'HAS_MASK'])
+@triton.jit
+def _fwd(Q, K, V, Bias, KMask, O, LSE,
+         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+         sbh, sbm, sbn, smm, smn, H, N, D, M, scale,
+         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s, k = _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
+                       skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale, HAS_BIAS, HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0., 1., l_i)
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log(l_i), mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_kv(Q, K, V, Bias, KMask, DO, LSE, Delta, DK, DV,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+            sbh, sbm, sbn, smm, smn, H, N, D, M, scale,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (key tile, batch*head): loops over query tiles, accumulates dK, dV."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kvmask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kvmask, other=0.)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
+        do = tl.load(DO + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.)
+        lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.)
+        delta = tl.load(Delta + bh * N + offs_m, mask=offs_m < N, other=0.)
+        s, k = _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
+                       skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale, HAS_BIAS, HAS_MASK)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(offs_m[:, None] < N, p, 0.)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
+             (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
+             dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit
+def _bwd_q(Q, K, V, Bias, KMask, DO, LSE, Delta, DQ, DBias,
+           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+           sbh, sbm, sbn, smm, smn, H, N, D, M, scale,
+           HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (query tile, batch*head): loops over key tiles, accumulates dQ and
+    adds its share of dBias (summed over windows) with fp32 atomics."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
+    do = tl.load(DO + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.)
+    lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.)
+    delta = tl.load(Delta + bh * N + offs_m, mask=offs_m < N, other=0.)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        s, k = _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
+                       skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale, HAS_BIAS, HAS_MASK)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(offs_m[:, None] < N, p, 0.)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        if BIAS_GRAD:
+            tl.atomic_add(DBias + h * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
+                          mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
+    tl.store(DQ + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _aux(q, bias, key_mask):
+    dummy = q.new_empty(1)
+    bias_t = bias if bias is not None else dummy
+    bstr = tuple(bias.stride()) if bias is not None else (0, 0, 0)
+    mask_t = key_mask.to(torch.int8) if key_mask is not None else dummy
+    mstr = tuple(mask_t.stride()) if key_mask is not None else (0, 0)
+    M = key_mask.shape[0] if key_mask is not None else 1
+    return bias_t, bstr, mask_t, mstr, M
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key_mask, scale):
+        Bp, H, N, D = q.shape
+        bias_t, bstr, mask_t, mstr, M = _aux(q, bias, key_mask)
+        out = torch.empty((Bp, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = torch.empty((Bp, H, N), dtype=torch.float32, device=q.device)
+        grid = lambda meta: (triton.cdiv(N, meta['BLOCK_M']), Bp * H)  # noqa: E731
+        _fwd[grid](q, k, v, bias_t, mask_t, out, lse,
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, *mstr,
+                   H, N, D, M, scale, HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
+                   BLOCK_D=_block_d(D))
+        ctx.save_for_backward(q, k, v, bias, mask_t if key_mask is not None else None, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, bias, mask_t, out, lse = ctx.saved_tensors
+        Bp, H, N, D = q.shape
+        scale = ctx.scale
+        do = do.contiguous()
+        delta = (do.float() * out.float()).sum(-1).contiguous()
+        dummy = q.new_empty(1)
+        bias_t = bias if bias is not None else dummy
+        bstr = tuple(bias.stride()) if bias is not None else (0, 0, 0)
+        mstr = tuple(mask_t.stride()) if mask_t is not None else (0, 0)
+        M = mask_t.shape[0] if mask_t is not None else 1
+        mask_arg = mask_t if mask_t is not None else dummy
+        dq, dk, dv = (torch.empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dbias = torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad else dummy
+        blk = 16 if triton_interpret() else 64
+        common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_t is not None,
+                      BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D))
+        warps = 1 if triton_interpret() else 4
+        strides = (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *bstr, *mstr)
+        _bwd_kv[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dk, dv,
+                                               *strides, H, N, D, M, scale, num_warps=warps, **common)
+        _bwd_q[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dq, dbias,
+                                              *strides, H, N, D, M, scale, BIAS_GRAD=bias_grad,
+                                              num_warps=warps, **common)
+        return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None
+
+
+def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _WindowAttention.apply(q, k, v, bias, key_mask, scale)

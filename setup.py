@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name='mixzoo',
+    version='0.1.0',
+    description='Vision-backbone model zoo on shared token-mixer ops, registered in timm, '
+                'with adapters for mmdet / mmseg',
+    long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['backbones', 'backbones.*', 'ops', 'ops.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'torch>=2.4,<2.15',
+        'torchvision>=0.19,<0.30',
+        'timm>=1.0.20,<1.1',
+        'safetensors>=0.4',
+        'numpy',
+    ],
+    extras_require={
+        # mmcv 2.1.0 must be compiled with its ops (mmcv-lite is not enough): tools/env.sh --mm
+        # installs a prebuilt wheel where one matches, else builds it (see README, "Detection and segmentation")
+        'mm': ['mmengine==0.10.7', 'mmcv==2.1.0', 'mmdet==3.3.0', 'mmsegmentation==1.2.2',
+               'ftfy', 'regex', 'pycocotools', 'shapely', 'scipy', 'terminaltables'],
+        'triton': ['triton>=3.0'],
+        'dev': ['pytest>=8'],
+    },
+)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install mmengine / mmcv (compiled ops) / mmdet / mmseg into the Python given as $1 (default: python).
+#
+# mmcv 2.1.0 has no wheels for recent torch, and torch >= 2.14's headers need C++20 while mmcv's
+# setup.py asks for c++14/17. Order of preference:
+#   1. $MIXZOO_MMCV_WHEEL, or a prebuilt wheel in ../shared/wheels or the cache that matches this
+#      torch/python (the CPU wheel built for torch 2.14.1 / CPython 3.11);
+#   2. otherwise build mmcv from the PyPI sdist with the -std flags raised to c++20 (30-40 min on
+#      2 cores), once per machine: the built wheel is kept in the cache. With a CUDA toolkit and
+#      a GPU visible, the build includes the CUDA ops (FORCE_CUDA=1 forces them).
+set -euo pipefail
+py=${1:-python}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${MIXZOO_CACHE:-$HOME/.cache/mixzoo}
+pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+tag=$("$py" -c 'import sys, torch; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split("+")[0]}")')
+
+wheel=${MIXZOO_MMCV_WHEEL:-}
+if [ -z "$wheel" ] && [ "$tag" = "cp311-torch2.14.1" ]; then
+  for w in "$root/../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl"; do
+    if [ -f "$w" ] && (cd "$(dirname "$w")" && sha256sum -c --quiet SHA256SUMS 2>/dev/null); then wheel=$w; fi
+  done
+fi
+built="$cache/wheels/$tag"
+if [ -z "$wheel" ] && ls "$built"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then wheel=$(ls "$built"/mmcv-2.1.0-*.whl | head -1); fi
+
+if [ -z "$wheel" ]; then
+  echo "[install_mm] no prebuilt mmcv for $tag: building from source (30-40 min on 2 cores)" >&2
+  d=$(mktemp -d)
+  pip download --no-deps --no-binary :all: mmcv==2.1.0 -d "$d"
+  tar xzf "$d"/mmcv-2.1.0.tar.gz -C "$d"
+  sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$d/mmcv-2.1.0/setup.py"
+  pip install "setuptools<70" wheel ninja
+  mkdir -p "$built"
+  (cd "$d/mmcv-2.1.0" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip wheel --no-deps --no-build-isolation . -w "$built")
+  wheel=$(ls "$built"/mmcv-2.1.0-*.whl | head -1)
+  rm -rf "$d"
+fi
+pip install -c "$root/constraints.txt" "$wheel" mmengine mmdet mmsegmentation ftfy regex pycocotools
+"$py" -c "import mmcv, mmdet, mmseg; from mmcv.ops import nms; print('[install_mm] mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
