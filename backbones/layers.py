@@ -1,6 +1,8 @@
 """Small blocks shared by the families that timm.layers does not provide as needed."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 
 
 class ChannelScale(nn.Module):
@@ -13,3 +15,44 @@ class ChannelScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.view(1, -1, 1, 1)
+
+
+def _bn_affine(bn: nn.BatchNorm2d):
+    """(scale, shift) of an eval-mode BatchNorm: bn(x) = x * scale + shift (per channel)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def bn_foldable(*bns: nn.Module) -> bool:
+    """True when every BatchNorm uses running statistics (eval mode), so it is an affine map."""
+    return all(isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None for bn in bns)
+
+
+def conv_bn_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, pre_bn: nn.BatchNorm2d = None):
+    """Weight and bias of ``bn(conv(pre_bn(x)))`` as one convolution, for eval-mode BatchNorms.
+
+    Computed from the live parameters on each call (cheap next to the activations), so it stays
+    differentiable w.r.t. the conv and BN affine weights (frozen-BN fine-tuning keeps working) and
+    never goes stale. ``pre_bn`` may only precede an unpadded 1x1 convolution."""
+    w, b = conv.weight, conv.bias
+    if pre_bn is not None:
+        assert conv.kernel_size == (1, 1) and conv.groups == 1
+        s0, t0 = _bn_affine(pre_bn)
+        b = (w.flatten(1) @ t0) + (b if b is not None else 0)
+        w = w * s0.view(1, -1, 1, 1)
+    s, t = _bn_affine(bn)
+    w = w * s.view(-1, 1, 1, 1)
+    b = t if b is None else b * s + t
+    return w, b
+
+
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Run ``conv``'s geometry (incl. timm's dynamic 'same' padding) with other weights."""
+    if isinstance(conv, Conv2dSame):
+        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import _registry
 from ._features import Stage, StagedModelMixin
 from ._weights import unwrap_state_dict
+from .layers import bn_foldable, conv_bn_folded, conv_forward
 from .mixers import PartitionAttention
 
 __all__ = ['MaxVit']
@@ -62,9 +63,15 @@ class MbConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.shortcut(x)
-        x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
-        x = self.se(self.norm2(self.conv2_kxk(x)))
-        return self.drop_path(self.conv3_1x1(x)) + shortcut
+        if bn_foldable(self.pre_norm, self.norm1, self.norm2):
+            # eval BatchNorms are affine: fold them into the convs (3 fewer passes over the map)
+            x = self.norm1.act(conv_forward(self.conv1_1x1, x, *conv_bn_folded(self.conv1_1x1, self.norm1,
+                                                                              self.pre_norm)))
+            x = self.norm2.act(conv_forward(self.conv2_kxk, x, *conv_bn_folded(self.conv2_kxk, self.norm2)))
+        else:
+            x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
+            x = self.norm2(self.conv2_kxk(x))
+        return self.drop_path(self.conv3_1x1(self.se(x))) + shortcut
 
 
 class PartitionBlock(nn.Module):
@@ -108,7 +115,11 @@ class Stem(nn.Module):
         self.conv2 = create_conv2d(out_chs, out_chs, 3, stride=1, padding='same', bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.norm1(self.conv1(x)))
+        if bn_foldable(self.norm1):
+            x = self.norm1.act(conv_forward(self.conv1, x, *conv_bn_folded(self.conv1, self.norm1)))
+        else:
+            x = self.norm1(self.conv1(x))
+        return self.conv2(x)
 
 
 class MaxVit(StagedModelMixin, nn.Module):

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -37,6 +38,13 @@ class PoolFormerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.drop_path1, nn.Identity):
+            # x + s * f(x) as one addcmul, and the second layer scale folded into fc2's weights
+            s1 = self.layer_scale1.scale.view(1, -1, 1, 1)
+            x = torch.addcmul(x, s1, self.token_mixer(self.norm1(x)))
+            mlp, s2 = self.mlp, self.layer_scale2.scale
+            h = mlp.drop1(mlp.act(mlp.fc1(self.norm2(x))))
+            return x + mlp.drop2(F.conv2d(h, mlp.fc2.weight * s2.view(-1, 1, 1, 1), mlp.fc2.bias * s2))
         x = x + self.drop_path1(self.layer_scale1(self.token_mixer(self.norm1(x))))
         x = x + self.drop_path2(self.layer_scale2(self.mlp(self.norm2(x))))
         return x

@@ -1,7 +1,21 @@
 """PoolFormer's token mixer: average pooling minus identity."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+
+def box_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum over a k x k window (k odd, zero padding) as separable shifted adds: on CPU several
+    times faster than avg_pool2d on NCHW maps, and the same numbers up to summation order."""
+    r = k // 2
+    rows = x.clone()
+    for d in range(1, r + 1):
+        rows[..., d:] += x[..., :-d]
+        rows[..., :-d] += x[..., d:]
+    out = rows.clone()
+    for d in range(1, r + 1):
+        out[..., d:, :] += rows[..., :-d, :]
+        out[..., :-d, :] += rows[..., d:, :]
+    return out
 
 
 class Pooling(nn.Module):
@@ -10,8 +24,18 @@ class Pooling(nn.Module):
 
     def __init__(self, pool_size: int = 3):
         super().__init__()
+        if pool_size % 2 != 1:
+            raise ValueError(f'pool_size must be odd, got {pool_size}')
         self.pool_size = pool_size
+        self._count = {}
+
+    def _inv_count(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
+        inv = self._count.get(key)
+        if inv is None:
+            ones = torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype)
+            inv = self._count[key] = box_sum(ones, self.pool_size).reciprocal_()
+        return inv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.pool_size
-        return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) - x
+        return box_sum(x, self.pool_size) * self._inv_count(x) - x

@@ -10,12 +10,16 @@ import torch.nn.functional as F
 
 def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
+    Bp, H, N, _ = q.shape
     mask = None if bias is None else bias.to(q.dtype)
     if key_mask is not None:
         M = key_mask.shape[0]
         neg = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float('-inf'))
-        neg = neg[:, None, None, :]                                   # (M, 1, 1, N)
-        mask = neg if mask is None else mask[None] + neg               # (M, heads, N, N)
-        q, k, v = (t.unflatten(0, (-1, M)) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).flatten(0, 1)
+        neg = neg[:, None, None, :]                                    # (M, 1, 1, N)
+        mask = neg if mask is None else mask[None] + neg                # (M, heads|1, N, N)
+        # one mask per window of the batch (the fused kernels take 4-D masks only)
+        mask = mask.expand(Bp // M, M, H, N, N).reshape(Bp, H, N, N)
+    elif mask is not None:
+        # a 4-D expanded view (no copy) lets CPU SDPA use its flash kernel instead of the math path
+        mask = mask.expand(Bp, H, N, N)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
