@@ -56,3 +56,15 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: t
     if isinstance(conv, Conv2dSame):
         return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def drop_path_rates(rate: float, depths) -> list:
+    """Per-stage lists of stochastic-depth rates rising linearly 0 -> ``rate`` over all blocks
+    (plain Python, so models also build on the meta device)."""
+    total = sum(depths)
+    flat = [rate * i / max(total - 1, 1) for i in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out

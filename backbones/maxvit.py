@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import _registry
 from ._features import Stage, StagedModelMixin
 from ._weights import unwrap_state_dict
-from .layers import bn_foldable, conv_bn_folded, conv_forward
+from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
 from .mixers import PartitionAttention
 
 __all__ = ['MaxVit']
@@ -151,7 +151,7 @@ class MaxVit(StagedModelMixin, nn.Module):
         self.grad_checkpointing = False
         self.stem = Stem(in_chans, stem_width)
         self.feature_info = [dict(num_chs=stem_width, reduction=2, module='stem')]
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, prev = [], stem_width
         for i, (depth, dim) in enumerate(zip(depths, embed_dim)):
             blocks = [MaxVitBlock(prev if j == 0 else dim, dim, 2 if j == 0 else 1, self.window_size,
@@ -255,4 +255,4 @@ for _a in _ARCH:
         globals()[f'mz_maxvit_{_a}_tf_{_s}'] = register_model(_make(_a, _s))
         _p = _PUBLISHED[_a] if _s == 224 else (None, None, None)
         _registry.add(f'mz_maxvit_{_a}_tf_{_s}', 'maxvit', f'timm:maxvit_{_a}_tf_{_s}', *_p, img_size=_s,
-                      build_only=not (_a == 'tiny' and _s == 224))
+                      build_only=_a in ('base', 'large') or (_a, _s) in (('small', 384), ('small', 512), ('tiny', 512)))

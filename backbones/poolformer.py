@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import _registry
 from ._features import Stage, StagedModelMixin
 from ._weights import unwrap_state_dict
-from .layers import ChannelScale
+from .layers import ChannelScale, drop_path_rates
 from .mixers import Pooling
 
 __all__ = ['PoolFormer']
@@ -80,7 +80,7 @@ class PoolFormer(StagedModelMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
         self.stem = Downsampling(in_chans, dims[0], 7, 4, 2)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, self.feature_info = [], []
         prev = dims[0]
         for i, (depth, dim) in enumerate(zip(depths, dims)):

@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend']
+__all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend',
+           'empty', 'poisoned_outputs']
 
 
 class BackendError(RuntimeError):
@@ -46,6 +47,10 @@ def _fmt_dtypes(dtypes: Sequence[torch.dtype]) -> str:
     return '/'.join(str(d).replace('torch.', '') for d in dtypes)
 
 
+_DEFAULT_TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
+                torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 5e-2)}
+
+
 @dataclass
 class Backend:
     """A backend's declaration of what it supports.
@@ -58,7 +63,8 @@ class Backend:
     op: str
     name: str
     fn: Callable
-    devices: Tuple[str, ...] = ('cpu', 'cuda')
+    # 'meta' lets models be built and FLOP-counted without memory
+    devices: Tuple[str, ...] = ('cpu', 'cuda', 'mps', 'xpu', 'meta')
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     head_dims: Optional[Tuple[int, int]] = None      # inclusive (min, max)
     autograd: bool = True
@@ -67,6 +73,11 @@ class Backend:
     check: Optional[Callable[[Call], List[str]]] = None
     auto_devices: Optional[Tuple[str, ...]] = None
     doc: str = ''
+    # (atol, rtol) against `reference` evaluated in float64, per input dtype (tests read these)
+    tolerances: Dict[torch.dtype, Tuple[float, float]] = field(default_factory=lambda: dict(_DEFAULT_TOL))
+
+    def tolerance(self, dtype: torch.dtype) -> Tuple[float, float]:
+        return self.tolerances.get(dtype, (1e-5, 1e-5))
 
     def reasons(self, call: Call, forced: bool = False) -> List[str]:
         out = []
@@ -185,6 +196,27 @@ def _fmt_call(call: Call) -> str:
     return s
 
 
+# ---- output allocation (tests poison it with NaN to catch elements a kernel never writes) ----
+
+_POISON = [False]
+
+
+class poisoned_outputs:
+    """Context manager: outputs allocated through :func:`empty` are filled with NaN."""
+
+    def __enter__(self):
+        self._prev, _POISON[0] = _POISON[0], True
+
+    def __exit__(self, *exc):
+        _POISON[0] = self._prev
+
+
+def empty(*shape, dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs; NaN-filled inside :class:`poisoned_outputs`."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    return t.fill_(float('nan')) if _POISON[0] else t
+
+
 # ---- shared availability checks --------------------------------------------------------------
 
 def triton_interpret() -> bool:
@@ -204,5 +236,8 @@ def triton_unavailable() -> Optional[str]:
     return None
 
 
-def triton_devices() -> Tuple[str, ...]:
-    return ('cuda', 'cpu') if triton_interpret() else ('cuda',)
+def triton_interpreter_limits(call: Call) -> List[str]:
+    """The Triton CPU interpreter computes through numpy, which has no bfloat16."""
+    if call.device == 'cpu' and call.dtype == torch.bfloat16:
+        return ['bfloat16 is not supported by the Triton CPU interpreter (numpy has no bfloat16); use a GPU']
+    return []

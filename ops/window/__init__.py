@@ -16,7 +16,7 @@ see :mod:`ops.window.partition`.
 import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select, triton_unavailable
+from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
 from . import reference as _reference
 from .partition import pad_map, padded_size, padding_key_mask, partition, relative_position_index, unpartition
 
@@ -39,8 +39,9 @@ def _triton_fn(*args):
 
 register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',),
                  dtypes=_FLOATS, head_dims=(1, 256), limits={'window_area': 4096},
-                 available=triton_unavailable,
-                 doc='fused forward + backward, online softmax, bias/mask read in place'))
+                 available=triton_unavailable, check=triton_interpreter_limits,
+                 doc='fused forward + backward, online softmax, bias/mask read in place; '
+                     'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
 register(Backend(OP, 'torch', _torch.window_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='torch SDPA with one broadcast additive mask'))
 register(Backend(OP, 'reference', _reference.window_attention, dtypes=_FLOATS + (torch.float64,),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpret
+from .._dispatch import empty, triton_interpret
 
 
 def _configs():
@@ -157,50 +157,45 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _aux(q, bias, key_mask):
+def _aux(q, bias, mask_i8):
+    """Kernel arguments for the optional bias / int8 key mask (a dummy pointer when absent)."""
     dummy = q.new_empty(1)
-    bias_t = bias if bias is not None else dummy
-    bstr = tuple(bias.stride()) if bias is not None else (0, 0, 0)
-    mask_t = key_mask.to(torch.int8) if key_mask is not None else dummy
-    mstr = tuple(mask_t.stride()) if key_mask is not None else (0, 0)
-    M = key_mask.shape[0] if key_mask is not None else 1
-    return bias_t, bstr, mask_t, mstr, M
+    bias_arg, bstr = (bias, tuple(bias.stride())) if bias is not None else (dummy, (0, 0, 0))
+    mask_arg, mstr, M = (mask_i8, tuple(mask_i8.stride()), mask_i8.shape[0]) if mask_i8 is not None \
+        else (dummy, (0, 0), 1)
+    return bias_arg, bstr, mask_arg, mstr, M
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, key_mask, scale):
         Bp, H, N, D = q.shape
-        bias_t, bstr, mask_t, mstr, M = _aux(q, bias, key_mask)
-        out = torch.empty((Bp, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = torch.empty((Bp, H, N), dtype=torch.float32, device=q.device)
+        mask_i8 = key_mask.to(torch.int8) if key_mask is not None else None
+        bias_t, bstr, mask_t, mstr, M = _aux(q, bias, mask_i8)
+        out = empty((Bp, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = empty((Bp, H, N), dtype=torch.float32, device=q.device)
         grid = lambda meta: (triton.cdiv(N, meta['BLOCK_M']), Bp * H)  # noqa: E731
         _fwd[grid](q, k, v, bias_t, mask_t, out, lse,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, *mstr,
                    H, N, D, M, scale, HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
                    BLOCK_D=_block_d(D))
-        ctx.save_for_backward(q, k, v, bias, mask_t if key_mask is not None else None, out, lse)
+        ctx.save_for_backward(q, k, v, bias, mask_i8, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, bias, mask_t, out, lse = ctx.saved_tensors
+        q, k, v, bias, mask_i8, out, lse = ctx.saved_tensors
         Bp, H, N, D = q.shape
         scale = ctx.scale
         do = do.contiguous()
         delta = (do.float() * out.float()).sum(-1).contiguous()
-        dummy = q.new_empty(1)
-        bias_t = bias if bias is not None else dummy
-        bstr = tuple(bias.stride()) if bias is not None else (0, 0, 0)
-        mstr = tuple(mask_t.stride()) if mask_t is not None else (0, 0)
-        M = mask_t.shape[0] if mask_t is not None else 1
-        mask_arg = mask_t if mask_t is not None else dummy
-        dq, dk, dv = (torch.empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+        bias_t, bstr, mask_arg, mstr, M = _aux(q, bias, mask_i8)
+        dq, dk, dv = (empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dbias = torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad else dummy
+        dbias = torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad else bias_t
         blk = 16 if triton_interpret() else 64
-        common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_t is not None,
+        common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_i8 is not None,
                       BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D))
         warps = 1 if triton_interpret() else 4
         strides = (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *bstr, *mstr)

@@ -1,0 +1,34 @@
+"""Test setup: Triton kernels run under the interpreter when there is no GPU (must be decided
+before triton is first imported), seeded RNG, and in CI no test may skip for a missing dependency."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+os.environ.pop('MIXZOO_BACKEND', None)   # tests force backends explicitly
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+MISSING_DEP = 'missing dependency'   # skips for a missing package must start with this
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _in_ci() -> bool:
+    return os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skip of an mm test, or any skip for a missing dependency, is a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and _in_ci() and (item.get_closest_marker('mm') or MISSING_DEP in str(rep.longrepr)):
+        rep.outcome = 'failed'
+        rep.longrepr = f'CI must run this test, but it was skipped: {rep.longrepr}'

@@ -1,0 +1,47 @@
+"""Shared helpers for the test suite."""
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Perturb every parameter and buffer so that no term of the forward is trivially zero/one:
+    BN running stats random, zero-initialised biases and tiny layer scales made O(0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        r = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype)
+        if name.endswith('running_var'):
+            t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
+        elif name.endswith('running_mean'):
+            t.copy_(r * 0.1)
+        elif t.ndim <= 1:
+            t.add_(r * 0.1)
+        else:
+            std = t.float().std().item() if t.numel() > 1 else 0.
+            t.add_(r * (0.5 * std if std > 0 else 0.02))
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the scale (max |b|) of the reference."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gmacs(model: nn.Module, size, by_op: bool = False):
+    """Multiply-accumulates (G) of one forward, FlopCounterMode total / 2 (REFERENCE.md's convention);
+    with ``by_op`` also a {aten op name: GMACs} breakdown."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.parameters())
+    x = torch.empty((1, 3) + tuple(size), device=p.device, dtype=p.dtype)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    total = fc.get_total_flops() / 2e9
+    if not by_op:
+        return total
+    return total, {str(k).split('.')[-1]: v / 2e9 for k, v in fc.get_flop_counts()['Global'].items()}

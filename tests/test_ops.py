@@ -1,0 +1,124 @@
+"""Op backends against `reference`, generated from the dispatcher's registry.
+
+Every registered op must have a case generator in CASES; every backend of it is run over the
+op's grid (shapes, dtypes, options) with NaN-poisoned outputs, forward and gradients compared
+with `reference` evaluated in float64, at the tolerance the backend declares for the dtype.
+Triton backends run under TRITON_INTERPRET=1 when there is no GPU (tiny shapes)."""
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+
+import ops
+from ops import _dispatch
+from conftest import MISSING_DEP
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[torch.dtype, str], Dict]   # (dtype, device) -> kwargs for the op (tensors may require grad)
+    tiny: bool = True                          # small enough for the Triton interpreter
+    dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- window attention -----------------------------------------------------------------------
+
+def _window_case(B, M, H, N, D, bias, mask, fused=False):
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(B * 1000 + N * 10 + D)
+        Bp = B * M
+        if fused:   # q, k, v as strided views of one (B', N, 3, H, D) projection, as the mixers pass them
+            qkv = torch.randn(Bp, N, 3, H, D, generator=g).to(device, dtype)
+            q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
+        else:
+            q, k, v = (torch.randn(Bp, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        kw = dict(q=q, k=k, v=v)
+        if bias:
+            kw['bias'] = (torch.randn(H, N, N, generator=g)).to(device, dtype).requires_grad_()
+        if mask:
+            km = torch.rand(M, N, generator=g) > 0.4
+            km[:, 0] = True     # as with padding, every window keeps a real key
+            kw['key_mask'] = km.to(device)
+        return kw
+    tag = f'B{B}xW{M}-h{H}-N{N}-d{D}' + ('-bias' if bias else '') + ('-mask' if mask else '') + ('-fused' if fused else '')
+    return Case(tag, make, tiny=N * B * M * H <= 400)
+
+
+def window_cases() -> List[Case]:
+    cases = [_window_case(2, 3, 2, 9, 8, b, m) for b, m in itertools.product((False, True), repeat=2)]
+    cases += [_window_case(1, 2, 1, 16, 16, True, True, fused=True),
+              _window_case(2, 1, 3, 20, 32, True, False, fused=True),
+              _window_case(1, 4, 2, 49, 32, True, True),          # MaxViT's 7x7 windows
+              _window_case(1, 2, 1, 49, 64, True, False, fused=True)]
+    return cases
+
+
+CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases}
+OPS = {'window': ops.window_attention}
+
+
+def test_every_registered_op_has_cases():
+    assert set(_dispatch.ops()) <= set(CASES), f'ops without test cases: {set(_dispatch.ops()) - set(CASES)}'
+
+
+def _devices():
+    return ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+def _params():
+    for op in _dispatch.ops():
+        if op not in CASES:
+            continue
+        for b in _dispatch.backends(op):
+            for case in CASES[op]():
+                for dtype in case.dtypes:
+                    for dev in _devices():
+                        marks = []
+                        if b.name == 'triton' and dev == 'cpu' and not case.tiny:
+                            marks.append(pytest.mark.slow)
+                        yield pytest.param(op, b.name, case, dtype, dev, marks=marks,
+                                           id=f'{op}-{b.name}-{case.id}-{str(dtype)[6:]}-{dev}')
+
+
+def _skip_if_unrunnable(op, backend, kwargs):
+    b = {x.name: x for x in _dispatch.backends(op)}[backend]
+    q = kwargs['q']
+    why = b.reasons(_dispatch.Call.of(q, head_dim=q.shape[-1], window_area=q.shape[-2]), forced=True)
+    if any('not importable' in w for w in why):
+        pytest.skip(f'{MISSING_DEP}: ' + '; '.join(why))
+    if why:
+        pytest.skip('backend cannot run here: ' + '; '.join(why))
+    return b
+
+
+@pytest.mark.parametrize('op,backend,case,dtype,device', list(_params()))
+def test_backend_matches_reference(op, backend, case, dtype, device):
+    kw = case.make(dtype, device)
+    b = _skip_if_unrunnable(op, backend, kw)
+    atol, rtol = b.tolerance(dtype)
+    grads_of = [k for k, v in kw.items() if torch.is_tensor(v) and v.requires_grad]
+    ref_kw = {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point()
+                  else v) for k, v in kw.items()}
+    ref = OPS[op](**ref_kw, backend='reference')
+    with _dispatch.poisoned_outputs():
+        out = OPS[op](**kw, backend=backend)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), 'output has NaN/inf (an element the kernel never wrote?)'
+
+    def close(a, r, what):
+        err = (a.double() - r).abs().max().item()
+        lim = atol + rtol * r.abs().max().item()
+        assert err <= lim, f'{what}: max abs err {err:.3g} > {lim:.3g} ({backend}, {dtype})'
+
+    close(out, ref.detach(), 'forward')
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    with _dispatch.poisoned_outputs():
+        (out.float() * g).sum().backward()
+    (ref * g.double()).sum().backward()
+    for name in grads_of:
+        got = kw[name].grad
+        assert got is not None and torch.isfinite(got).all(), f'grad of {name} missing or non-finite'
+        close(got, ref_kw[name].grad, f'grad {name}')
