@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""The zoo's main job: for every registered model, parameters and GMACs beside the published
+figures, and inference throughput beside its reference model (timm's), measured side by side in
+one run (interleaved repetitions, best of each), as a ratio.
+
+    python tools/benchmark.py                          # every model's params/GMACs; speed for the
+                                                       # variants tested in full (the default job)
+    python tools/benchmark.py --model mz_maxvit_tiny_tf_224 mz_poolformer_s12
+    python tools/benchmark.py --model 'mz_poolformer_*' --batch-size 16 --csv out.csv
+    python tools/benchmark.py --model mz_maxvit_tiny_tf_224 --compare-backend reference
+
+Speed columns: zoo img/s, reference img/s, ratio = zoo / reference (>1: zoo faster); with
+--compare-backend B also the zoo with every op forced to backend B and default / B.
+"max|d|" is the largest logit difference between zoo and reference on the timed batch with the
+reference's weights loaded into the zoo (relative to the logits' scale).
+"""
+import argparse
+import csv
+import fnmatch
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm  # noqa: E402
+
+import backbones  # noqa: E402
+from backbones import MODELS  # noqa: E402
+
+
+def count(model, size):
+    from torch.utils.flop_counter import FlopCounterMode
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.empty(1, 3, *size, device='meta')
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    return params / 1e6, fc.get_total_flops() / 2e9
+
+
+@contextmanager
+def forced_backend(spec):
+    old = os.environ.get('MIXZOO_BACKEND')
+    if spec:
+        os.environ['MIXZOO_BACKEND'] = spec
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop('MIXZOO_BACKEND', None)
+        else:
+            os.environ['MIXZOO_BACKEND'] = old
+
+
+def time_side_by_side(runs, x, reps, device):
+    """runs: {label: callable}. Interleaved repetitions; returns {label: best seconds}, outputs."""
+    outs, best = {}, {k: float('inf') for k in runs}
+    with torch.inference_mode():
+        for k, f in runs.items():     # warm-up (and outputs for the equivalence column)
+            outs[k] = f(x)
+        for _ in range(reps):
+            for k, f in runs.items():
+                if device == 'cuda':
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                f(x)
+                if device == 'cuda':
+                    torch.cuda.synchronize()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best, outs
+
+
+def fmt(v, spec):
+    return '-' if v is None else format(v, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', nargs='+', default=None, help='zoo model names or globs (default: all)')
+    p.add_argument('--speed', choices=['default', 'all', 'none'], default='default',
+                   help="which models to time: 'default' = --model ones, else those not build_only")
+    p.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s own)')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
+    p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
+    p.add_argument('--csv', default=None, help='append rows to this CSV file')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    names = list(MODELS)
+    if args.model:
+        names = [n for n in MODELS if any(fnmatch.fnmatch(n, pat) for pat in args.model)]
+        unknown = [pat for pat in args.model if not any(fnmatch.fnmatch(n, pat) for n in MODELS)]
+        if unknown:
+            p.error(f'unknown model(s) {unknown}; known: {", ".join(MODELS)}')
+    timed = set(names) if (args.speed == 'all' or (args.speed == 'default' and args.model)) else \
+        set() if args.speed == 'none' else {n for n in names if not MODELS[n].build_only}
+
+    print(f'torch {torch.__version__}, timm {timm.__version__}, device {args.device}, threads '
+          f'{torch.get_num_threads()}, batch {args.batch_size}, {args.dtype}, best of {args.reps}')
+    cols = ['model', 'reference', 'params_M', 'pub_params_M', 'GMACs', 'pub_GMACs', 'dGMACs_%', 'top1_pub',
+            'img/s', 'ref_img/s', 'ratio', 'max|d|']
+    if args.compare_backend:
+        cols += [f'{args.compare_backend}_img/s', f'ratio_vs_{args.compare_backend}']
+    print(' | '.join(cols))
+    rows = []
+    for name in names:
+        info = MODELS[name]
+        size = (args.img_size or info.img_size,) * 2
+        with torch.device('meta'):
+            params, g = count(timm.create_model(name), size)
+        row = dict(zip(cols, [name, info.reference, round(params, 2), info.params_m, round(g, 3), info.gmacs,
+                              round(100 * (g - info.gmacs) / info.gmacs, 2) if info.gmacs else None, info.top1]))
+        if name in timed:
+            row.update(speed(name, info, size, args, dtype))
+        rows.append(row)
+        print(' | '.join(fmt(row.get(c), '.4g') if isinstance(row.get(c), float) else str(row.get(c, '-'))
+                         for c in cols), flush=True)
+    if args.csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, 'a', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+def speed(name, info, size, args, dtype):
+    kind, ref_name = info.reference.split(':', 1)
+    zoo = timm.create_model(name).eval().to(args.device, dtype)
+    runs = {}
+    out = {}
+    x = torch.randn(args.batch_size, 3, *size, device=args.device, dtype=dtype)
+    if kind == 'timm':
+        ref = timm.create_model(ref_name).eval().to(args.device, dtype)
+        zoo.load_state_dict(ref.state_dict())
+        runs['ref'] = ref
+    with forced_backend(args.backend):
+        runs['zoo'] = zoo
+        if args.compare_backend:
+            def zoo_forced(t):
+                with forced_backend(args.compare_backend):
+                    return zoo(t)
+            runs['forced'] = zoo_forced
+        best, outs = time_side_by_side(runs, x, args.reps, args.device)
+    bs = args.batch_size
+    out['img/s'] = bs / best['zoo']
+    if 'ref' in best:
+        out['ref_img/s'] = bs / best['ref']
+        out['ratio'] = best['ref'] / best['zoo']
+        d = (outs['zoo'].double() - outs['ref'].double()).abs().max() / outs['ref'].double().abs().max()
+        out['max|d|'] = d.item()
+    if 'forced' in best:
+        out[f'{args.compare_backend}_img/s'] = bs / best['forced']
+        out[f'ratio_vs_{args.compare_backend}'] = best['forced'] / best['zoo']
+    return out
+
+
+if __name__ == '__main__':
+    sys.exit(main())
