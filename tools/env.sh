@@ -15,7 +15,8 @@ if [ "${1:-}" = "--mm" ]; then want_mm=1; shift; fi
 
 key=$( (cat "$root/constraints.txt"; echo "${MIXZOO_PYTHON:-python3}") | sha256sum | cut -c1-12)
 venv=$cache/venv-$key
-pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# (pip warns about every missing local index directory on these machines; those lines are dropped)
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither a file' >&2); }
 log() { echo "[env] $*" >&2; }
 
 mkdir -p "$cache"

@@ -12,8 +12,9 @@ set -euo pipefail
 py=${1:-python}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${MIXZOO_CACHE:-$HOME/.cache/mixzoo}
-pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
-tag=$("$py" -c 'import sys, torch; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split("+")[0]}")')
+# (pip warns about every missing local index directory on these machines; those lines are dropped)
+pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither a file' >&2); }
+tag=$("$py" -c 'import sys, torch; v = torch.__version__.split("+")[0]; print("cp%d%d-torch%s" % (sys.version_info[0], sys.version_info[1], v))')
 
 wheel=${MIXZOO_MMCV_WHEEL:-}
 if [ -z "$wheel" ] && [ "$tag" = "cp311-torch2.14.1" ]; then
