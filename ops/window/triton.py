@@ -23,12 +23,38 @@ def _configs():
 
 
 @triton.jit
+def _tile_ptrs(P, b, h, offs_r, offs_d, N, D, sb, sh, sr, sd):
+    """Pointers and bounds mask of a (rows, head dim) tile of a (B', heads, N, D) strided tensor."""
+    ptrs = P + b * sb + h * sh + offs_r[:, None] * sr + offs_d[None, :] * sd
+    return ptrs, (offs_r[:, None] < N) & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _load_tile(P, b, h, offs_r, offs_d, N, D, sb, sh, sr, sd):
+    ptrs, mask = _tile_ptrs(P, b, h, offs_r, offs_d, N, D, sb, sh, sr, sd)
+    return tl.load(ptrs, mask=mask, other=0.)
+
+
+@triton.jit
+def _store_tile(P, val, b, h, offs_r, offs_d, N, D, sb, sh, sr, sd):
+    ptrs, mask = _tile_ptrs(P, b, h, offs_r, offs_d, N, D, sb, sh, sr, sd)
+    tl.store(ptrs, val.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _program_coords(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(batch*window b, head h, flat bh, row offsets of this program's tile, head-dim offsets)."""
+    bh = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return bh // H, bh % H, bh, offs, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
             skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale,
             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Logits of a (query tile, key tile) pair with bias and -inf on invalid keys; also returns k."""
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+    k = _load_tile(K, b, h, offs_n, offs_d, N, D, skb, skh, skn, skd)
     s = tl.dot(q, tl.trans(k)) * scale
     if HAS_BIAS:
         s += tl.load(Bias + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
@@ -47,14 +73,8 @@ def _fwd(Q, K, V, Bias, KMask, O, LSE,
          sbh, sbm, sbn, smm, smn, H, N, D, M, scale,
          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
+    b, h, bh, offs_m, offs_d = _program_coords(H, BLOCK_M, BLOCK_D)
+    q = _load_tile(Q, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn, sqd)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -65,15 +85,13 @@ def _fwd(Q, K, V, Bias, KMask, O, LSE,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+        v = _load_tile(V, b, h, offs_n, offs_d, N, D, svb, svh, svn, svd)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     l_i = tl.where(l_i == 0., 1., l_i)
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=qmask)
+    _store_tile(O, acc, b, h, offs_m, offs_d, N, D, sob, soh, son, sod)
     tl.store(LSE + bh * N + offs_m, m_i + tl.log(l_i), mask=offs_m < N)
 
 
@@ -84,21 +102,14 @@ def _bwd_kv(Q, K, V, Bias, KMask, DO, LSE, Delta, DK, DV,
             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (key tile, batch*head): loops over query tiles, accumulates dK, dV."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kvmask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kvmask, other=0.)
+    b, h, bh, offs_n, offs_d = _program_coords(H, BLOCK_N, BLOCK_D)
+    v = _load_tile(V, b, h, offs_n, offs_d, N, D, svb, svh, svn, svd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
-        do = tl.load(DO + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.)
+        q = _load_tile(Q, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn, sqd)
+        do = _load_tile(DO, b, h, offs_m, offs_d, N, D, H * N * D, N * D, D, 1)
         lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.)
         delta = tl.load(Delta + bh * N + offs_m, mask=offs_m < N, other=0.)
         s, k = _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
@@ -109,10 +120,8 @@ def _bwd_kv(Q, K, V, Bias, KMask, DO, LSE, Delta, DK, DV,
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
-             (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
-    tl.store(DV + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd,
-             dv.to(DV.dtype.element_ty), mask=kvmask)
+    _store_tile(DK, dk * scale, b, h, offs_n, offs_d, N, D, sdb, sdh, sdn, sdd)
+    _store_tile(DV, dv, b, h, offs_n, offs_d, N, D, sdb, sdh, sdn, sdd)
 
 
 @triton.jit
@@ -123,15 +132,9 @@ def _bwd_q(Q, K, V, Bias, KMask, DO, LSE, Delta, DQ, DBias,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (query tile, batch*head): loops over key tiles, accumulates dQ and
     adds its share of dBias (summed over windows) with fp32 atomics."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    qmask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.)
-    do = tl.load(DO + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.)
+    b, h, bh, offs_m, offs_d = _program_coords(H, BLOCK_M, BLOCK_D)
+    q = _load_tile(Q, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn, sqd)
+    do = _load_tile(DO, b, h, offs_m, offs_d, N, D, H * N * D, N * D, D, 1)
     lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.)
     delta = tl.load(Delta + bh * N + offs_m, mask=offs_m < N, other=0.)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -141,16 +144,14 @@ def _bwd_q(Q, K, V, Bias, KMask, DO, LSE, Delta, DQ, DBias,
                        skb, skh, skn, skd, sbh, sbm, sbn, smm, smn, scale, HAS_BIAS, HAS_MASK)
         p = tl.exp(s - lse[:, None])
         p = tl.where(offs_m[:, None] < N, p, 0.)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.)
+        v = _load_tile(V, b, h, offs_n, offs_d, N, D, svb, svh, svn, svd)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
         if BIAS_GRAD:
             tl.atomic_add(DBias + h * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
                           mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
-    tl.store(DQ + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    _store_tile(DQ, dq * scale, b, h, offs_m, offs_d, N, D, sdb, sdh, sdn, sdd)
 
 
 def _block_d(D: int) -> int:
