@@ -122,8 +122,8 @@ def main(argv=None):
         if name in timed:
             row.update(speed(name, info, size, args, dtype))
         rows.append(row)
-        print(' | '.join(fmt(row.get(c), '.4g') if isinstance(row.get(c), float) else str(row.get(c, '-'))
-                         for c in cols), flush=True)
+        print(' | '.join(fmt(row.get(c), '.4g') if isinstance(row.get(c), float) else
+                         ('-' if row.get(c) is None else str(row[c])) for c in cols), flush=True)
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, 'a', newline='') as f:
