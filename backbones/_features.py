@@ -31,6 +31,21 @@ class Stage(nn.Module):
 
 class StagedModelMixin:
     stem_is_feature = False
+    min_input_size = (32, 32)   # smallest H, W the family supports (one token after the last stage)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Clear errors for inputs the model cannot take (rather than a shape error deep inside)."""
+        name = (getattr(self, 'pretrained_cfg', None) or {}).get('architecture') or type(self).__name__
+        if x.ndim != 4:
+            raise ValueError(f'{name}: expected a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'{name}: expected {self.in_chans} input channels, got {x.shape[1]} '
+                             f'(input shape {tuple(x.shape)})')
+        if not x.is_floating_point():
+            raise TypeError(f'{name}: expected a floating point input, got {x.dtype}')
+        mh, mw = self.min_input_size
+        if x.shape[2] < mh or x.shape[3] < mw:
+            raise ValueError(f'{name}: input {x.shape[2]}x{x.shape[3]} is below the minimum size {mh}x{mw}')
 
     def _num_feature_taps(self) -> int:
         return len(self.stages) + int(self.stem_is_feature)
@@ -51,6 +66,7 @@ class StagedModelMixin:
         return self.head.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         x = self.stem(x)
         x = self.stages(x)
         return self.norm(x)
@@ -75,6 +91,7 @@ class StagedModelMixin:
         take, max_index = feature_take_indices(n, indices)
         off = int(self.stem_is_feature)
         out = []
+        self._check_input(x)
         x = self.stem(x)
         if off and 0 in take:
             out.append(x)

@@ -21,3 +21,70 @@ def unwrap_state_dict(sd: Mapping, prefer: str = 'model') -> Dict[str, torch.Ten
     if sd and all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def _model_name(model) -> str:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return cfg.get('architecture') or type(model).__name__
+
+
+def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Return ``state_dict`` if it fits ``model`` exactly; else raise a ValueError that lists the
+    missing and unexpected keys and the shape mismatches (a checkpoint of another family or variant)."""
+    own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    # timm adapts these after the filter: a classifier for another class count is dropped (or the
+    # head removed, num_classes=0), the first conv adapted to in_chans != 3
+    classifier = f"{cfg['classifier']}." if isinstance(cfg.get('classifier'), str) else None
+    first_conv = f"{cfg['first_conv']}." if isinstance(cfg.get('first_conv'), str) else None
+
+    def adapted(k, a=None, b=None):
+        if classifier and k.startswith(classifier):
+            return a is None or b is None or tuple(a[1:]) == tuple(b[1:])       # class count only
+        if first_conv and k.startswith(first_conv) and a is not None and b is not None:
+            return a[0] == b[0] and tuple(a[2:]) == tuple(b[2:])                 # input channels only
+        return False
+    missing = [k for k in own if k not in state_dict and not adapted(k)]
+    unexpected = [k for k in state_dict if k not in own and not adapted(k)]
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+              for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+              and not adapted(k, state_dict[k].shape, v.shape)]
+    if missing or unexpected or shapes:
+        def show(items, n=8):
+            return ', '.join(items[:n]) + (f', ... ({len(items)} in all)' if len(items) > n else '')
+        parts = [f'the checkpoint does not match {_model_name(model)} (a checkpoint of another model or variant?)']
+        if missing:
+            parts.append(f'{len(missing)} missing key(s): {show(missing)}')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected key(s): {show(unexpected)}')
+        if shapes:
+            parts.append(f'{len(shapes)} shape mismatch(es): {show(shapes, 4)}')
+        raise ValueError('; '.join(parts))
+    return state_dict
+
+
+def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file safely: safetensors, or torch.load(weights_only=True), which refuses
+    pickles that are not plain tensors/containers. Errors name the file and the likely cause."""
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ValueError(f'could not read safetensors checkpoint {path} (truncated or corrupted?): {e}') from e
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        detail = next((ln.strip() for ln in msg.splitlines() if 'Unsupported' in ln or 'error' in ln.lower()),
+                      msg.splitlines()[0] if msg else type(e).__name__)
+        if 'Unsupported global' in msg or 'allowlist' in msg:
+            raise ValueError(f'refusing to load {path}: it is not a plain state dict (it pickles Python objects, '
+                             f'which weights_only loading does not execute): {detail}') from e
+        raise ValueError(f'could not read checkpoint {path} (truncated or corrupted file, or not a torch.save / '
+                         f'safetensors file): {detail}') from e
+    return unwrap_state_dict(obj)

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from . import _registry
 from ._features import Stage, StagedModelMixin
-from ._weights import unwrap_state_dict
+from ._weights import match_state_dict, unwrap_state_dict
 from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
 from .mixers import PartitionAttention
 
@@ -63,7 +63,7 @@ class MbConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.shortcut(x)
-        if bn_foldable(self.pre_norm, self.norm1, self.norm2):
+        if bn_foldable(x, self.pre_norm, self.norm1, self.norm2):
             # eval BatchNorms are affine: fold them into the convs (3 fewer passes over the map)
             x = self.norm1.act(conv_forward(self.conv1_1x1, x, *conv_bn_folded(self.conv1_1x1, self.norm1,
                                                                               self.pre_norm)))
@@ -115,7 +115,7 @@ class Stem(nn.Module):
         self.conv2 = create_conv2d(out_chs, out_chs, 3, stride=1, padding='same', bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bn_foldable(self.norm1):
+        if bn_foldable(x, self.norm1):
             x = self.norm1.act(conv_forward(self.conv1, x, *conv_bn_folded(self.conv1, self.norm1)))
         else:
             x = self.norm1(self.conv1(x))
@@ -207,7 +207,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MaxVit) -> 
         if k in own and v.ndim != own[k].ndim and v.numel() == own[k].numel():
             v = v.reshape(own[k].shape)
         out[k] = v
-    return out
+    return match_state_dict(out, model)
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxVit:

@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from . import _registry
 from ._features import Stage, StagedModelMixin
-from ._weights import unwrap_state_dict
+from ._weights import match_state_dict, unwrap_state_dict
 from .layers import ChannelScale, drop_path_rates
 from .mixers import Pooling
 
@@ -119,7 +119,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer)
     ``layer_scale_1``) is renamed to it."""
     state_dict = unwrap_state_dict(state_dict)
     if 'stem.conv.weight' in state_dict:
-        return state_dict
+        return match_state_dict(state_dict, model)
     out = {}
     for k, v in state_dict.items():
         k = k.replace('patch_embed.proj', 'stem.conv')
@@ -134,7 +134,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer)
         k = re.sub(r'^norm\.', 'head.norm.', k)
         k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
         out[k] = v
-    return out
+    return match_state_dict(out, model)
 
 
 def _create_poolformer(variant: str, pretrained: bool = False, **kwargs) -> PoolFormer:

@@ -13,5 +13,6 @@ def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Opt
     if key_mask is not None:
         M, N = key_mask.shape
         s = s.unflatten(0, (-1, M)).masked_fill(~key_mask[None, :, None, None, :], float('-inf')).flatten(0, 1)
-    p = torch.softmax(s.float(), dim=-1).to(v.dtype)
+    # half-precision logits are normalised in fp32; fp32/fp64 stay as they are
+    p = torch.softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1).to(v.dtype)
     return torch.matmul(p, v)

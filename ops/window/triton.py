@@ -5,7 +5,7 @@ Layout: q, k, v are (B', heads, N, D) with arbitrary strides (views of a fused q
 work as they are); the output is allocated (B', N, heads, D) and returned as a (B', heads, N, D)
 view so the caller's ``transpose(1, 2).reshape(B', N, heads * D)`` is free.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -167,48 +167,84 @@ def _aux(q, bias, mask_i8):
     return bias_arg, bstr, mask_arg, mstr, M
 
 
-class _WindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, key_mask, scale):
-        Bp, H, N, D = q.shape
-        mask_i8 = key_mask.to(torch.int8) if key_mask is not None else None
-        bias_t, bstr, mask_t, mstr, M = _aux(q, bias, mask_i8)
-        out = empty((Bp, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = empty((Bp, H, N), dtype=torch.float32, device=q.device)
-        grid = lambda meta: (triton.cdiv(N, meta['BLOCK_M']), Bp * H)  # noqa: E731
-        _fwd[grid](q, k, v, bias_t, mask_t, out, lse,
-                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, *mstr,
-                   H, N, D, M, scale, HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
-                   BLOCK_D=_block_d(D))
-        ctx.save_for_backward(q, k, v, bias, mask_i8, out, lse)
-        ctx.scale = scale
-        return out
+# The kernels are wrapped as torch custom ops (forward and backward), so torch.compile / export
+# trace through them as single nodes instead of falling back to eager around a Python function.
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, bias, mask_i8, out, lse = ctx.saved_tensors
-        Bp, H, N, D = q.shape
-        scale = ctx.scale
-        do = do.contiguous()
-        delta = (do.float() * out.float()).sum(-1).contiguous()
-        bias_t, bstr, mask_arg, mstr, M = _aux(q, bias, mask_i8)
-        dq, dk, dv = (empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dbias = torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad else bias_t
-        blk = 16 if triton_interpret() else 64
-        common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_i8 is not None,
-                      BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D))
-        warps = 1 if triton_interpret() else 4
-        strides = (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *bstr, *mstr)
-        _bwd_kv[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dk, dv,
-                                               *strides, H, N, D, M, scale, num_warps=warps, **common)
-        _bwd_q[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dq, dbias,
-                                              *strides, H, N, D, M, scale, BIAS_GRAD=bias_grad,
-                                              num_warps=warps, **common)
-        return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None
+@torch.library.custom_op('mixzoo::window_attention_fwd', mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+            key_mask: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B', N, heads, D) contiguous, lse (B', heads, N) fp32."""
+    Bp, H, N, D = q.shape
+    mask_i8 = key_mask.to(torch.int8) if key_mask is not None else None
+    bias_t, bstr, mask_t, mstr, M = _aux(q, bias, mask_i8)
+    out = empty((Bp, N, H, D), dtype=q.dtype, device=q.device)
+    lse = empty((Bp, H, N), dtype=torch.float32, device=q.device)
+    out_v = out.transpose(1, 2)
+    grid = lambda meta: (triton.cdiv(N, meta['BLOCK_M']), Bp * H)  # noqa: E731
+    _fwd[grid](q, k, v, bias_t, mask_t, out_v, lse,
+               *q.stride(), *k.stride(), *v.stride(), *out_v.stride(), *bstr, *mstr,
+               H, N, D, M, scale, HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
+               BLOCK_D=_block_d(D))
+    return out, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, bias, key_mask, scale):
+    Bp, H, N, D = q.shape
+    return q.new_empty((Bp, N, H, D)), q.new_empty((Bp, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op('mixzoo::window_attention_bwd', mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+            key_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+            scale: float, bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv (B', heads, N, D), dbias (heads, N, N) fp32 (empty when not asked)."""
+    Bp, H, N, D = q.shape
+    do = do.contiguous()
+    delta = (do.float() * out.transpose(1, 2).float()).sum(-1).contiguous()
+    mask_i8 = key_mask.to(torch.int8) if key_mask is not None else None
+    bias_t, bstr, mask_arg, mstr, M = _aux(q, bias, mask_i8)
+    dq, dk, dv = (empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dbias = torch.zeros((H, N, N) if bias_grad else (0,), dtype=torch.float32, device=q.device)
+    blk = 16 if triton_interpret() else 64
+    common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_i8 is not None,
+                  BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D))
+    warps = 1 if triton_interpret() else 4
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *bstr, *mstr)
+    _bwd_kv[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dk, dv,
+                                           *strides, H, N, D, M, scale, num_warps=warps, **common)
+    _bwd_q[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dq,
+                                          dbias if bias_grad else bias_t,
+                                          *strides, H, N, D, M, scale, BIAS_GRAD=bias_grad,
+                                          num_warps=warps, **common)
+    return dq, dk, dv, dbias
+
+
+@_bwd_op.register_fake
+def _(q, k, v, bias, key_mask, out, lse, do, scale, bias_grad):
+    H, N = q.shape[1], q.shape[2]
+    return (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q),
+            q.new_empty((H, N, N) if bias_grad else (0,), dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bias, key_mask, scale = inputs
+    ctx.save_for_backward(q, k, v, bias, key_mask, *output)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, bias, key_mask, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _bwd_op(q, k, v, bias, key_mask, out, lse, do.transpose(1, 2), ctx.scale, bias_grad)
+    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else None), None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _WindowAttention.apply(q, k, v, bias, key_mask, scale)
+    out, _ = _fwd_op(q, k, v, bias, key_mask, scale)
+    return out.transpose(1, 2)

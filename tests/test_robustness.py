@@ -1,0 +1,228 @@
+"""Robustness of every family, generated from the model registry: input sizes, dtypes and layouts,
+torch.compile / torch.export, and clear errors for bad input. The smallest variant of each family
+runs in every CI pass; the other fully tested variants run under the `slow` marker (also in CI).
+Build-only variants (the largest) are out of scope here: too large for a 2-core CI machine."""
+import pickle
+
+import pytest
+import timm
+import torch
+
+import backbones
+from backbones import MODELS
+from helpers import randomize_, rel_err
+
+# bf16 autocast vs fp32 (max |diff| / max |logit|): no worse than 1.5x the reference model's own
+# bf16 error on the same weights (timm families), else BF16_TOL. With randomised weights both are
+# large for MaxViT (measured 0.05-0.09 zoo and timm alike) and ~0.004 for PoolFormer.
+BF16_TOL = 0.15
+
+
+def _smallest():
+    out = {}
+    for n, m in MODELS.items():
+        if not m.build_only and (m.family not in out or (m.params_m or 1e9) < (MODELS[out[m.family]].params_m or 1e9)):
+            out[m.family] = n
+    return out
+
+
+SMALLEST = _smallest()
+VARIANTS = [pytest.param(n, id=n, marks=[] if n in SMALLEST.values() else [pytest.mark.slow])
+            for n, m in MODELS.items() if not m.build_only]
+SMALL = [pytest.param(n, id=n) for n in SMALLEST.values()]
+
+
+@pytest.fixture(scope='module')
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = randomize_(timm.create_model(name)).eval()
+        return cache[name]
+    return get
+
+
+def test_every_family_has_a_smallest_variant():
+    assert set(SMALLEST) == set(backbones.families())
+
+
+def _sizes(name):
+    m = timm.create_model(name, pretrained=False)
+    mh, mw = m.min_input_size
+    return [(224, 224), (225, 317), (mh, mw), pytest.param((1024, 1024), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize('hw', [(224, 224), (225, 317), 'min', pytest.param((1024, 1024), marks=pytest.mark.slow)],
+                         ids=['224', '225x317', 'min', '1024'])
+def test_sizes(name, hw, models):
+    m = models(name)
+    if hw == 'min':
+        hw = m.min_input_size
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        logits = m(x)
+        feats = m.forward_intermediates(x, intermediates_only=True)
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+    for f, info in zip(feats, m.feature_info):
+        r = info['reduction']
+        assert f.shape[1] == info['num_chs']
+        for got, full in zip(f.shape[2:], hw):
+            assert full // r <= got <= -(-full // r), f'{name} {hw}: stage map {tuple(f.shape)} vs reduction {r}'
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_bf16_autocast_channels_last_determinism(name, models):
+    m = models(name)
+    s = MODELS[name].img_size   # the reference model's own size (timm's MaxViT-384 needs multiples of 384)
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        ref = m(x)
+        again = m(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = m(x)
+        cl = m(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(ref, again), 'eval is not deterministic run to run'
+    tol = BF16_TOL
+    kind, ref_name = MODELS[name].reference.split(':', 1)
+    if kind == 'timm':
+        r = timm.create_model(ref_name).eval()
+        r.load_state_dict(m.state_dict())
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            r_low = r(x)
+        tol = max(1.5 * rel_err(r_low.float(), ref), 0.02)
+    assert rel_err(low.float(), ref) <= tol
+    assert rel_err(cl, ref) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='GPU dtypes need a CUDA device')
+@pytest.mark.parametrize('name', SMALL)
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_gpu_half_precision(name, dtype, models):
+    m = models(name).cuda()
+    x = torch.randn(2, 3, 224, 224, device='cuda')
+    with torch.no_grad():
+        ref = m(x)
+        low = m.to(dtype)(x.to(dtype))
+    m.float().cpu()
+    assert torch.isfinite(low).all() and rel_err(low.float(), ref) <= BF16_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', SMALL)
+def test_compile_matches_eager_without_graph_breaks(name, models):
+    m = models(name)
+    x = torch.randn(1, 3, 64, 96)
+    explain = torch._dynamo.explain(m)(x)
+    assert explain.graph_break_count == 0, [str(b.reason) for b in explain.break_reasons]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_err(torch.compile(m)(x), m(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_export(name, models):
+    m = models(name)
+    x = torch.randn(1, 3, 64, 96)
+    ep = torch.export.export(m, (x,), strict=False)
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), m(x)) <= 1e-5
+
+
+def test_triton_op_is_a_custom_op_under_compile():
+    """The Triton window kernels are torch custom ops: compile traces them with fullgraph=True."""
+    import ops
+    q, k, v = (torch.randn(2, 1, 9, 16) for _ in range(3))
+
+    def f(q, k, v):
+        return ops.window_attention(q, k, v, backend='triton')
+    if torch.cuda.is_available():
+        q, k, v = q.cuda(), k.cuda(), v.cuda()
+    out = torch.compile(f, backend='aot_eager', fullgraph=True)(q, k, v)
+    assert rel_err(out, ops.window_attention(q, k, v, backend='reference')) < 1e-5
+    assert hasattr(torch.ops.mixzoo, 'window_attention_fwd')
+
+
+# ---- bad input: a clear error naming the problem ------------------------------------------------
+
+@pytest.mark.parametrize('name', SMALL)
+def test_bad_inputs_are_named(name, models):
+    m = models(name)
+    cases = [(torch.randn(1, 4, 64, 64), ValueError, 'expected 3 input channels, got 4'),
+             (torch.randn(3, 64, 64), ValueError, r'expected a 4-D \(B, C, H, W\) image batch'),
+             (torch.randn(1, 3, 16, 64), ValueError, 'input 16x64 is below the minimum size 32x32'),
+             (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'expected a floating point input')]
+    for x, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            m(x)
+        with pytest.raises(exc, match=msg):
+            m.forward_intermediates(x)
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_nan_propagates_without_crash(name, models):
+    x = torch.randn(1, 3, 64, 64)
+    x[0, :, 10, 10] = float('nan')
+    with torch.no_grad():
+        out = models(name)(x)
+    assert torch.isnan(out).any()
+
+
+def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
+    m = timm.create_model('mz_maxvit_tiny_tf_224').eval().double()
+    monkeypatch.setenv('MIXZOO_BACKEND', 'window:triton')
+    with pytest.raises(RuntimeError, match=r"window: backend 'triton' \(from MIXZOO_BACKEND=\) cannot run this call"
+                                           r".*dtype float64 not supported"):
+        m(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+
+
+class _NotAStateDict:
+    pass
+
+
+@pytest.fixture(scope='module')
+def s12_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ck') / 'poolformer_s12.pth'
+    torch.save(timm.create_model('poolformer_s12').state_dict(), path)
+    return path
+
+
+def _load(name, path):
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_checkpoint_of_another_variant_or_family(s12_file):
+    with pytest.raises(ValueError, match=r'does not match mz_poolformer_s24.*120 missing key\(s\): '
+                                         r'stages\.0\.blocks\.2\.'):
+        _load('mz_poolformer_s24', s12_file)
+    with pytest.raises(ValueError, match=r'does not match mz_maxvit_tiny_tf_224.*missing key\(s\).*'
+                                         r'unexpected key\(s\): stem\.conv\.weight'):
+        _load('mz_maxvit_tiny_tf_224', s12_file)
+    sd = torch.load(s12_file, weights_only=True)
+    sd['head.fc.weight'] = sd['head.fc.weight'][:, :100]
+    with pytest.raises(ValueError, match=r'shape mismatch\(es\): head\.fc\.weight: checkpoint \(1000, 100\) '
+                                         r'vs model \(1000, 512\)'):
+        backbones.poolformer.checkpoint_filter_fn(sd, timm.create_model('mz_poolformer_s12'))
+
+
+def test_truncated_corrupted_and_unsafe_files(s12_file, tmp_path):
+    from backbones._weights import read_checkpoint
+    data = s12_file.read_bytes()
+    (tmp_path / 'trunc.pth').write_bytes(data[: len(data) // 2])
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint at all' * 10)
+    (tmp_path / 'obj.pth').write_bytes(pickle.dumps({'model': _NotAStateDict()}))
+    torch.save({'model': _NotAStateDict()}, tmp_path / 'obj_zip.pth')
+    for f in ('trunc.pth', 'junk.pth', 'obj.pth'):   # obj.pth: a raw pickle, not torch.save's format
+        with pytest.raises(ValueError, match=r'could not read checkpoint .*\(truncated or corrupted'):
+            read_checkpoint(str(tmp_path / f))
+        with pytest.raises(Exception):   # timm's own loader refuses them too
+            _load('mz_poolformer_s12', tmp_path / f)
+    with pytest.raises(ValueError, match='refusing to load .*obj_zip.pth: it is not a plain state dict'):
+        read_checkpoint(str(tmp_path / 'obj_zip.pth'))
+    with pytest.raises(Exception, match='weights_only'):
+        _load('mz_poolformer_s12', tmp_path / 'obj_zip.pth')
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
+        read_checkpoint(str(tmp_path / 'missing.pth'))
+    assert set(read_checkpoint(str(s12_file))) == set(timm.create_model('mz_poolformer_s12').state_dict())
