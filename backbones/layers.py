@@ -28,11 +28,18 @@ def _bn_affine(bn: nn.BatchNorm2d):
     return scale, shift
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:   # devices without autocast (meta)
+        return False
+
+
 def bn_foldable(x: torch.Tensor, *bns: nn.Module) -> bool:
     """True when every BatchNorm uses running statistics (eval mode), so it is an affine map that
     can be folded into the neighbouring conv, and ``x`` is computed in full precision (under
     autocast or in half precision the separate BN, which runs in fp32, is more accurate)."""
-    if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+    if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
         return False
     return all(isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None for bn in bns)
 
