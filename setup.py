@@ -11,6 +11,8 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['backbones', 'backbones.*', 'ops', 'ops.*']),
     python_requires='>=3.10',
+    # the checkpoint manifest lives at the top level (checkpoints/); installed copies find it here
+    data_files=[('share/mixzoo/checkpoints', ['checkpoints/manifest.json'])],
     install_requires=[
         'torch>=2.4,<2.15',
         'torchvision>=0.19,<0.30',

@@ -64,9 +64,10 @@ def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
     return state_dict
 
 
-def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+def read_checkpoint(path: str, prefer: str = 'model') -> Dict[str, torch.Tensor]:
     """Read a checkpoint file safely: safetensors, or torch.load(weights_only=True), which refuses
-    pickles that are not plain tensors/containers. Errors name the file and the likely cause."""
+    pickles that are not plain tensors/containers. Errors name the file and the likely cause.
+    ``prefer`` picks the entry of a training checkpoint ('model', or 'model_ema')."""
     import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
@@ -87,4 +88,6 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
                              f'which weights_only loading does not execute): {detail}') from e
         raise ValueError(f'could not read checkpoint {path} (truncated or corrupted file, or not a torch.save / '
                          f'safetensors file): {detail}') from e
-    return unwrap_state_dict(obj)
+    if prefer != 'model' and isinstance(obj, Mapping) and prefer not in obj:
+        raise KeyError(f'{path} has no {prefer!r} entry (entries: {", ".join(map(str, obj))})')
+    return unwrap_state_dict(obj, prefer=prefer)

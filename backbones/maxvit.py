@@ -17,9 +17,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCE
 from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead,
                          SEModule, create_conv2d, create_pool2d, make_divisible, resize_rel_pos_bias_table,
                          to_2tuple)
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
+from ._builder import create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
@@ -211,9 +212,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MaxVit) -> 
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxVit:
-    return build_model_with_cfg(
-        MaxVit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', (0, 1, 2, 3, 4))), **kwargs)
+    return create_model(MaxVit, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3, 4), **kwargs)
 
 
 def _cfg(size: int = 224, **kwargs):

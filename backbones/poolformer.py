@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
+from ._builder import create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import ChannelScale, drop_path_rates
@@ -138,10 +139,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer)
 
 
 def _create_poolformer(variant: str, pretrained: bool = False, **kwargs) -> PoolFormer:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        PoolFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+    return create_model(PoolFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs):

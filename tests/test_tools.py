@@ -1,0 +1,186 @@
+"""tools/validate.py, tools/convert.py and the checkpoint manifest, on data the tests make."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import backbones
+from backbones import MODELS, _pretrained
+from helpers import randomize_, rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import convert as convert_tool  # noqa: E402
+import validate as validate_tool  # noqa: E402
+
+CLASSES = ['n01440764', 'n01443537', 'n01484850', 'n01491361']
+PER_CLASS = 3
+
+
+@pytest.fixture(scope='module')
+def imagefolder(tmp_path_factory):
+    """val/<wnid>/*.JPEG, each class its own texture."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp('imagenet')
+    g = torch.Generator().manual_seed(0)
+    for c, wnid in enumerate(CLASSES):
+        d = root / 'val' / wnid
+        d.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            base = torch.rand(3, 1, 1, generator=g) * 200
+            img = (base + 55 * torch.rand(3, 80 + 7 * i, 96, generator=g)).clamp(0, 255).byte()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f'ILSVRC2012_val_{c}{i}.JPEG', quality=95)
+    return root
+
+
+@pytest.fixture(scope='module')
+def fitted_checkpoint(imagefolder, tmp_path_factory):
+    """mz_poolformer_s12 with random weights and a 4-class head solved (least squares on the
+    pre-logits of exactly these images, preprocessed as validate.py does) to classify them all."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+    model = randomize_(timm.create_model('mz_poolformer_s12', num_classes=len(CLASSES))).eval()
+    ds = ImageFolder(imagefolder / 'val', transform=create_transform(**resolve_data_config({}, model=model)))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        f = model.forward_head(model.forward_features(x), pre_logits=True).double()
+    fa = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+    target = torch.full((len(f), len(CLASSES)), -5.0, dtype=f.dtype)
+    target[torch.arange(len(f)), y] = 5.0
+    sol = torch.linalg.lstsq(fa, target).solution          # (D + 1, K)
+    with torch.no_grad():
+        model.head.fc.weight.copy_(sol[:-1].T.float())
+        model.head.fc.bias.copy_(sol[-1].float())
+        assert (model(x).argmax(1) == y).all()
+    path = tmp_path_factory.mktemp('ck') / 'fitted.pth'
+    torch.save({'model': model.state_dict(), 'epoch': 3}, path)
+    return path
+
+
+def _run_validate(tmp_path, *argv):
+    out = tmp_path / 'res.json'
+    rc = validate_tool.main([*argv, '--results-file', str(out), '--no-progress', '--batch-size', '5',
+                             '--workers', '0'])
+    return rc, (json.load(open(out)) if out.exists() else None)
+
+
+def test_validate_reaches_100_percent_with_a_fitted_checkpoint(imagefolder, fitted_checkpoint, tmp_path):
+    rc, res = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(fitted_checkpoint),
+                            '--data-dir', str(imagefolder))
+    assert rc == 0
+    assert res[-1]['top1'] == 100.0 and res[-1]['top5'] == 100.0 and res[-1]['images'] == len(CLASSES) * PER_CLASS
+
+
+def test_validate_counts_a_shuffled_set(imagefolder, fitted_checkpoint, tmp_path):
+    """Move one image of each of 3 classes into the next class: 9 of 12 stay right (75%)."""
+    shuffled = tmp_path / 'shuffled'
+    shutil.copytree(imagefolder, shuffled)
+    for c in range(3):
+        src = shuffled / 'val' / CLASSES[c] / f'ILSVRC2012_val_{c}0.JPEG'
+        shutil.move(src, shuffled / 'val' / CLASSES[c + 1] / src.name)
+    rc, res = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(fitted_checkpoint),
+                            '--data-dir', str(shuffled), '--channels-last')
+    assert rc == 0 and res[-1]['top1'] == 75.0
+
+
+def test_validate_flat_folder_with_label_file(imagefolder, fitted_checkpoint, tmp_path):
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    lines = []
+    for c, wnid in enumerate(CLASSES):
+        for f in sorted((imagefolder / 'val' / wnid).iterdir()):
+            shutil.copy(f, flat / f.name)
+            lines.append(f'{f.name} {c}')
+    (tmp_path / 'labels.txt').write_text('\n'.join(lines))
+    rc, res = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(fitted_checkpoint),
+                            '--data-dir', str(flat), '--label-file', str(tmp_path / 'labels.txt'))
+    assert rc == 0 and res[-1]['top1'] == 100.0
+
+
+def test_validate_clear_errors(imagefolder, fitted_checkpoint, tmp_path, capsys):
+    rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(fitted_checkpoint),
+                          '--data-dir', str(tmp_path / 'nowhere'))
+    assert rc == 2 and 'dataset folder not found' in capsys.readouterr().err
+    full = tmp_path / 'full.pth'
+    torch.save(timm.create_model('poolformer_s12').state_dict(), full)
+    rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(full),
+                          '--data-dir', str(imagefolder))
+    err = capsys.readouterr().err
+    assert rc == 2 and 'the dataset has 4 classes' in err and 'the model has 1000 outputs' in err
+    rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s24', '--checkpoint', str(fitted_checkpoint),
+                          '--data-dir', str(imagefolder))
+    assert rc == 2 and 'does not match mz_poolformer_s24' in capsys.readouterr().err
+
+
+def _reference_layouts(name, tmp_path):
+    """(timm-layout file, logits function of the reference model) for a zoo model."""
+    ref = randomize_(timm.create_model(MODELS[name].reference.split(':', 1)[1])).eval()
+    path = tmp_path / f'{name}_ref.pth'
+    torch.save({'state_dict': ref.state_dict()}, path)
+    return path, ref
+
+
+@pytest.mark.parametrize('family', sorted(backbones.families()))
+def test_convert_round_trip_every_family(family, tmp_path):
+    from safetensors.torch import load_file
+    name = next(n for n, m in MODELS.items() if m.family == family and not m.build_only)
+    path, ref = _reference_layouts(name, tmp_path)
+    assert convert_tool.main(['--model', name, '--checkpoint', str(path), '--out', str(tmp_path / 'out')]) == 0
+    out = tmp_path / 'out' / f'{name}.safetensors'
+    side = json.load(open(tmp_path / 'out' / f'{name}.json'))
+    assert side['model'] == name and len(side['source_sha256']) == 64 and side['output_sha256']
+    assert set(load_file(out)) == set(timm.create_model(name).state_dict())
+    zoo = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
+    x = torch.randn(1, 3, MODELS[name].img_size, MODELS[name].img_size)
+    with torch.no_grad():
+        assert rel_err(zoo(x), ref(x)) < 1e-5
+
+
+def test_convert_refuses_mismatch_and_bad_sha(tmp_path, capsys):
+    path, _ = _reference_layouts('mz_poolformer_s12', tmp_path)
+    assert convert_tool.main(['--model', 'mz_maxvit_tiny_tf_224', '--checkpoint', str(path),
+                              '--out', str(tmp_path)]) == 2
+    assert 'does not match mz_maxvit_tiny_tf_224' in capsys.readouterr().err
+    assert convert_tool.main(['--model', 'mz_poolformer_s12', '--checkpoint', str(path), '--out', str(tmp_path),
+                              '--sha256', '0' * 64]) == 2
+    assert 'expected 0000' in capsys.readouterr().err
+
+
+def test_manifest_lists_every_model_and_parses():
+    man = _pretrained.manifest()
+    assert set(man['models']) == set(backbones.list_models())
+    for name, entry in man['models'].items():
+        assert entry['family'] == MODELS[name].family and entry['reference'] == MODELS[name].reference
+        assert entry['checkpoints'], f'{name}: no released checkpoint listed'
+        for ck in entry['checkpoints']:
+            assert set(ck) >= {'tag', 'file', 'sources', 'sha256', 'num_classes', 'resolution', 'top1'}
+            assert ck['sources'] and all(s['url'].startswith('https://') and s['layout'] for s in ck['sources'])
+            assert ck['sha256'] is None or len(ck['sha256']) == 64
+            assert ck['resolution'] in (224, 384, 512)
+
+
+def test_pretrained_lookup_uses_the_local_cache_or_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv('MIXZOO_WEIGHTS', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r'(?s)pretrained weights not found locally.*'
+                                                r'mz_poolformer_s12\.safetensors.*huggingface\.co/timm/poolformer_s12'):
+        timm.create_model('mz_poolformer_s12', pretrained=True)
+    ref = randomize_(timm.create_model('poolformer_s12')).eval()
+    torch.save(ref.state_dict(), tmp_path / 'poolformer_s12.pth.tar')      # the official file name
+    zoo = timm.create_model('mz_poolformer_s12', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(zoo(x), ref(x)) < 1e-5
+
+
+def test_readme_evaluation_command_parses():
+    readme = open(os.path.join(ROOT, 'checkpoints', 'README.md')).read()
+    assert 'tools/validate.py' in readme and 'tools/convert.py' in readme
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'validate.py'), '--help'],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and '--data-dir' in out.stdout
