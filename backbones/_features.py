@@ -32,6 +32,19 @@ class Stage(nn.Module):
 class StagedModelMixin:
     stem_is_feature = False
     min_input_size = (32, 32)   # smallest H, W the family supports (one token after the last stage)
+    # On CPU the convolutions (oneDNN) run 1.2-1.4x faster on channels_last maps: the input is
+    # converted once (conv outputs keep the layout) and returned maps are made NCHW-contiguous
+    # again, so callers see timm's layout. Same values up to float rounding.
+    cpu_channels_last = True
+
+    def _to_internal(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_channels_last and x.device.type == 'cpu':
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @staticmethod
+    def _to_external(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Clear errors for inputs the model cannot take (rather than a shape error deep inside)."""
@@ -67,9 +80,9 @@ class StagedModelMixin:
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x = self.stem(x)
+        x = self.stem(self._to_internal(x))
         x = self.stages(x)
-        return self.norm(x)
+        return self._to_external(self.norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -92,21 +105,21 @@ class StagedModelMixin:
         off = int(self.stem_is_feature)
         out = []
         self._check_input(x)
-        x = self.stem(x)
+        x = self.stem(self._to_internal(x))
         if off and 0 in take:
-            out.append(x)
+            out.append(self._to_external(x))
         stages = self.stages if not stop_early or torch.jit.is_scripting() else self.stages[:max_index + 1 - off]
         last = n - 1
         for i, stage in enumerate(stages):
             idx = i + off
             x = stage(x)
             if idx in take:
-                out.append(self.norm(x) if norm and idx == last else x)
+                out.append(self._to_external(self.norm(x) if norm and idx == last else x))
         if intermediates_only:
             return out
         if len(stages) == len(self.stages):
             x = self.norm(x)
-        return x, out
+        return self._to_external(x), out
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):

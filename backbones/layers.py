@@ -79,3 +79,64 @@ def drop_path_rates(rate: float, depths) -> list:
         out.append(flat[start:start + d])
         start += d
     return out
+
+
+class ConvNorm(nn.Module):
+    """Bias-free conv followed by BatchNorm (keys ``c``, ``bn``: the layout of SHViT / LeViT-style
+    models). In eval with full precision the BN is folded into the conv on the fly;
+    :meth:`fuse` returns the equivalent plain ``nn.Conv2d`` for deployment."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
+                 groups: int = 1, bn_weight_init: float = 1.):
+        super().__init__()
+        self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bn_foldable(x, self.bn):
+            return conv_forward(self.c, x, *conv_bn_folded(self.c, self.bn))
+        return self.bn(self.c(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        c = self.c
+        w, b = conv_bn_folded(c, self.bn.eval())
+        m = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                      bias=True, device=w.device, dtype=w.dtype)
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+        return m
+
+
+class Residual(nn.Module):
+    """``x + m(x)``; fusing a residual depthwise ConvNorm folds the identity into the kernel centre."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.m(x)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        if not isinstance(self.m, ConvNorm):
+            return self
+        conv = self.m.fuse()
+        k = conv.kernel_size
+        if conv.groups != conv.in_channels or conv.in_channels != conv.out_channels or k[0] % 2 == 0:
+            return Residual(conv)
+        conv.weight[:, 0, k[0] // 2, k[1] // 2] += 1
+        return conv
+
+
+def fuse_modules(model: nn.Module) -> nn.Module:
+    """Replace, recursively, every child that has a ``fuse()`` by what it returns (deployment)."""
+    for name, child in model.named_children():
+        fused = child.fuse() if hasattr(child, 'fuse') else child
+        if fused is not child:
+            setattr(model, name, fused)
+        fuse_modules(fused)
+    return model

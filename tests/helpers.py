@@ -40,7 +40,7 @@ def gmacs(model: nn.Module, size, by_op: bool = False):
     p = next(model.parameters())
     x = torch.empty((1, 3) + tuple(size), device=p.device, dtype=p.dtype)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
+        model.eval()(x)
     total = fc.get_total_flops() / 2e9
     if not by_op:
         return total

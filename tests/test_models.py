@@ -19,7 +19,7 @@ TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
 RUN = [n for n, m in TIMM.items() if not m.build_only]
 # second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
 # grid, 32 * window); PoolFormer takes any size, so a non-square odd one
-SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257)}
+SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257)}
 # largest variants of each family run in CI too, marked slow
 # published GMACs that the architecture cannot meet within 2%: timm's own model, counted the same way,
 # gives the same figure as the zoo (23.92 vs zoo 23.90 vs paper 23.4), so the gap is the paper's counting
@@ -151,7 +151,7 @@ def test_default_cfg_is_complete(name):
     assert m.get_submodule(cfg['first_conv']).in_channels == 3
     assert m.get_submodule(cfg['classifier']).out_features == 1000
     m.reset_classifier(7)
-    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    assert m.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 7)
 
 
 @pytest.mark.parametrize('name', _run_params())
@@ -191,6 +191,48 @@ def test_poolformer_original_release_layout_loads(tmp_path):
     path = tmp_path / 'poolformer_s12.pth.tar'
     torch.save({'state_dict': orig}, path)
     zoo = timm.create_model('mz_poolformer_s12', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(zoo(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize('name', [n for n in RUN if MODELS[n].family == 'shvit'])
+def test_shvit_fuse_keeps_logits(name):
+    zoo = randomize_(timm.create_model(name)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = zoo(x)
+        zoo.fuse()
+        after = zoo(x)
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)) for m in zoo.modules())
+    assert rel_err(after, before) < 1e-5
+
+
+def test_shvit_official_release_layout_loads(tmp_path):
+    """ysj9909/SHViT names (blocks1..3, merge blocks inside them), {'model': ...} wrapper and 1x1
+    conv weights stored 2-D load through checkpoint_filter_fn to the same logits."""
+    import re
+    ref = randomize_(timm.create_model('shvit_s1')).eval()
+    orig = {}
+    for k, v in ref.state_dict().items():
+        m = re.match(r'stages\.(\d)\.(downsample|blocks)\.(\d+)\.(.*)', k)
+        if m:
+            s, part, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            if part == 'blocks':
+                k = f'blocks{s + 1}.{j + (3 if s else 0)}.{rest}'
+            elif j < 2:
+                k = f'blocks{s + 1}.0.{j}.{rest}'
+            elif j == 2:
+                k = f'blocks{s + 1}.1.{rest}'
+            else:
+                k = f'blocks{s + 1}.2.{j - 3}.{rest}'
+        if k.endswith('qkv.c.weight') or k.endswith('pw1.c.weight'):
+            v = v[:, :, 0, 0]      # stored 2-D, as some release tensors are
+        orig[k] = v
+    assert 'blocks2.1.conv1.c.weight' in orig and 'blocks3.3.mixer.m.qkv.c.weight' in orig
+    path = tmp_path / 'shvit_s1.pth'
+    torch.save({'model': orig, 'epoch': 299}, path)
+    zoo = timm.create_model('mz_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(zoo(x), ref(x)) < 1e-5

@@ -162,7 +162,12 @@ def test_manifest_lists_every_model_and_parses():
             assert set(ck) >= {'tag', 'file', 'sources', 'sha256', 'num_classes', 'resolution', 'top1'}
             assert ck['sources'] and all(s['url'].startswith('https://') and s['layout'] for s in ck['sources'])
             assert ck['sha256'] is None or len(ck['sha256']) == 64
-            assert ck['resolution'] in (224, 384, 512)
+            assert ck['resolution'] in (224, 256, 384, 512)
+
+
+def test_manifest_is_up_to_date():
+    import manifest as manifest_tool
+    assert manifest_tool.main(['--check']) == 0
 
 
 def test_pretrained_lookup_uses_the_local_cache_or_says_where(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def count(model, size):
     params = sum(p.numel() for p in model.parameters())
     x = torch.empty(1, 3, *size, device='meta')
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
+        model.eval()(x)
     return params / 1e6, fc.get_total_flops() / 2e9
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Regenerate checkpoints/manifest.json from the model registry and timm's pretrained configs
+(offline: timm ships the hub ids). sha256 values already recorded in the manifest are kept.
+
+    python tools/manifest.py            # rewrite checkpoints/manifest.json
+    python tools/manifest.py --check    # exit 1 if it is out of date
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm  # noqa: E402
+from timm.models import get_pretrained_cfg  # noqa: E402
+
+from backbones import MODELS  # noqa: E402
+
+PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints', 'manifest.json')
+# the authors' own release files, for the families whose official layout the zoo converts
+OFFICIAL = {
+    'poolformer': 'https://github.com/sail-sg/poolformer/releases/download/v1.0/{ref}.pth.tar',
+    'shvit': 'https://github.com/ysj9909/SHViT/releases/download/v1.0/{ref}.pth',
+}
+
+
+def build(old):
+    out = {'schema': 1, 'cache_env': 'MIXZOO_WEIGHTS', 'models': {}}
+    for name, info in MODELS.items():
+        kind, ref = info.reference.split(':', 1)
+        known = {c['tag']: c for c in old.get('models', {}).get(name, {}).get('checkpoints', [])}
+        entries = []
+        for full in timm.list_pretrained(ref + '.*') if kind == 'timm' else []:
+            arch, tag = full.split('.', 1)
+            if arch != ref:
+                continue
+            cfg = get_pretrained_cfg(full).to_dict()
+            sources = [{'url': f"https://huggingface.co/{cfg['hf_hub_id']}/resolve/main/model.safetensors",
+                        'layout': 'timm', 'format': 'safetensors'}]
+            if info.family in OFFICIAL and tag.endswith('in1k'):
+                sources.append({'url': OFFICIAL[info.family].format(ref=ref), 'layout': 'official', 'format': 'torch'})
+            res = cfg['input_size'][-1]
+            entries.append({
+                'tag': tag, 'file': f'{ref}.{tag}.safetensors', 'sources': sources,
+                'sha256': known.get(tag, {}).get('sha256'), 'num_classes': cfg.get('num_classes', 1000),
+                'resolution': res, 'crop_pct': cfg.get('crop_pct'),
+                'top1': info.top1 if tag.endswith('in1k') and 'in21k' not in tag and res == info.img_size else None})
+        out['models'][name] = {'family': info.family, 'reference': info.reference, 'checkpoints': entries}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--check', action='store_true')
+    args = p.parse_args(argv)
+    old = json.load(open(PATH)) if os.path.exists(PATH) else {}
+    new = build(old)
+    if args.check:
+        if new != old:
+            print('checkpoints/manifest.json is out of date: run python tools/manifest.py', file=sys.stderr)
+            return 1
+        return 0
+    with open(PATH, 'w') as f:
+        json.dump(new, f, indent=1)
+        f.write('\n')
+    print(f'{PATH}: {len(new["models"])} models, {sum(len(m["checkpoints"]) for m in new["models"].values())} '
+          f'checkpoints')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
