@@ -19,7 +19,8 @@ TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
 RUN = [n for n, m in TIMM.items() if not m.build_only]
 # second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
 # grid, 32 * window); PoolFormer takes any size, so a non-square odd one
-SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257)}
+SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257),
+               'davit': lambda s: (193, 257)}
 # largest variants of each family run in CI too, marked slow
 # published GMACs that the architecture cannot meet within 2%: timm's own model, counted the same way,
 # gives the same figure as the zoo (23.92 vs zoo 23.90 vs paper 23.4), so the gap is the paper's counting
@@ -86,11 +87,11 @@ def test_params_and_gmacs(name):
         assert abs(param_count(zoo) / 1e6 - info.params_m) / info.params_m < 0.05
     size = (info.img_size, info.img_size)
     (g, ops), (g_ref, ops_ref) = gmacs(zoo, size, by_op=True), gmacs(ref, size, by_op=True)
-    # the weight layers cost exactly timm's; attention may cost less (timm also counts its
-    # einsum-based relative-position lookup as bmm work)
-    for op in ('convolution', 'addmm'):
-        assert abs(ops.get(op, 0) - ops_ref.get(op, 0)) <= 1e-6 * g_ref, (op, ops, ops_ref)
-    assert g <= g_ref * 1.001, f'{name}: {g:.3f} GMACs vs timm {g_ref:.3f}'
+    # the convolutions cost exactly timm's; the zoo may do less matmul work than timm (timm counts
+    # its einsum relative-position lookup; DaViT's channel attention is folded into its projection)
+    # but never more, and never much less (the architecture is the same)
+    assert abs(ops.get('convolution', 0) - ops_ref.get('convolution', 0)) <= 1e-6 * g_ref, (ops, ops_ref)
+    assert g_ref * 0.97 <= g <= g_ref * 1.001, f'{name}: {g:.3f} GMACs vs timm {g_ref:.3f}'
     if info.gmacs is not None:
         tol = GMACS_TOL.get(name, 0.02)
         assert abs(g - info.gmacs) / info.gmacs <= tol, f'{name}: {g:.3f} GMACs vs published {info.gmacs}'
@@ -233,6 +234,28 @@ def test_shvit_official_release_layout_loads(tmp_path):
     path = tmp_path / 'shvit_s1.pth'
     torch.save({'model': orig, 'epoch': 299}, path)
     zoo = timm.create_model('mz_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(zoo(x), ref(x)) < 1e-5
+
+
+def test_davit_official_release_layout_loads(tmp_path):
+    """dingmyu/davit names (patch_embeds, main_blocks, cpe.0/1, norms, head) load to the same logits."""
+    import re
+    ref = randomize_(timm.create_model('davit_tiny')).eval()
+    orig = {}
+    for k, v in ref.state_dict().items():
+        k = re.sub(r'^stem\.(conv|norm)\.', lambda m: f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.", k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.(conv|norm)\.',
+                   lambda m: f"patch_embeds.{m.group(1)}.{'proj' if m.group(2) == 'conv' else 'norm'}.", k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.', r'main_blocks.\1.', k)
+        k = k.replace('.cpe1.', '.cpe.0.').replace('.cpe2.', '.cpe.1.')
+        k = k.replace('head.norm.', 'norms.').replace('head.fc.', 'head.')
+        orig[k] = v
+    assert 'main_blocks.2.1.1.cpe.1.proj.weight' in orig and 'patch_embeds.3.proj.weight' in orig
+    path = tmp_path / 'davit_tiny.pth'
+    torch.save({'state_dict': orig}, path)
+    zoo = timm.create_model('mz_davit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(zoo(x), ref(x)) < 1e-5

@@ -1,8 +1,9 @@
 """Multi-head attention inside windows of a channels-last map (block or grid partition).
 
-Any H, W: the map is zero-padded at the bottom/right to the window multiple and padded keys are
-masked out of the softmax (ops.window key_mask), so outputs at real positions do not depend on
-how much padding a size needs; the output is cropped back.
+Any H, W: the map is zero-padded at the bottom/right to the window multiple and, by default, padded
+keys are masked out of the softmax (ops.window key_mask), so outputs at real positions do not
+depend on how much padding a size needs; the output is cropped back. ``mask_padding=False`` keeps
+the padded tokens as keys (their q/k/v are the qkv bias), as DaViT and L2ViT do.
 """
 from typing import Optional, Tuple
 
@@ -38,7 +39,8 @@ class PartitionAttention(nn.Module):
     split into heads (timm's ``maxvit_*_tf``)."""
 
     def __init__(self, dim: int, window_size: Tuple[int, int], partition: str = 'block', dim_head: int = 32,
-                 bias: bool = True, rel_pos: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
+                 bias: bool = True, rel_pos: bool = True, mask_padding: bool = True, attn_drop: float = 0.,
+                 proj_drop: float = 0.):
         super().__init__()
         if dim % dim_head:
             raise ValueError(f'dim {dim} is not divisible by head dim {dim_head}')
@@ -48,6 +50,7 @@ class PartitionAttention(nn.Module):
         self.dim_head = dim_head
         self.window_size = to_2tuple(window_size)
         self.partition = partition
+        self.mask_padding = mask_padding
         self.qkv = nn.Linear(dim, dim * 3, bias=bias)
         self.rel_pos = RelPosBiasTf(self.window_size, self.num_heads) if rel_pos else None
         self.attn_drop = attn_drop
@@ -61,7 +64,7 @@ class PartitionAttention(nn.Module):
         xw = partition(pad_map(x, ws), ws, self.partition)                     # (B*nW, N, C)
         Bw, N, _ = xw.shape
         q, k, v = self.qkv(xw).view(Bw, N, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        mask = padding_key_mask((H, W), ws, self.partition, device=x.device)
+        mask = padding_key_mask((H, W), ws, self.partition, device=x.device) if self.mask_padding else None
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else None
         if self.training and self.attn_drop > 0:
             raise NotImplementedError('attention dropout is not supported by the window op')

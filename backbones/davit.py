@@ -1,0 +1,251 @@
+"""DaViT (Ding et al., "DaViT: Dual Attention Vision Transformers", ECCV 2022).
+
+Same architecture and state-dict layout as timm's ``davit_*``: conv stem 7x7/4, stages of
+(spatial window-attention block, channel-group-attention block) pairs, each with depthwise conv
+position encodings before the attention and before the MLP, LayerNorm + 2x2/2 conv downsamples,
+pooled-LayerNorm head. Spatial windows go through ``ops.window`` (no relative position bias);
+padded tokens take part as keys, as in DaViT (``mask_padding=False``), so odd sizes match timm.
+Inside a stage the maps stay channels-last, so the block's token <-> map switches are free views.
+``checkpoint_filter_fn`` also reads the official dingmyu/davit layout.
+"""
+import re
+from functools import partial
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+
+from . import _registry
+from ._builder import create_model
+from ._features import Stage, StagedModelMixin
+from ._weights import match_state_dict, unwrap_state_dict
+from .layers import drop_path_rates
+from .mixers import ChannelAttention, PartitionAttention
+
+__all__ = ['DaVit']
+
+_EPS = 1e-5
+
+
+class ConvPosEnc(nn.Module):
+    """x + depthwise 3x3 conv(x)."""
+
+    def __init__(self, dim: int, k: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x)
+
+
+class _DualBlock(nn.Module):
+    """cpe1 -> x + attn(norm1 x) -> cpe2 -> x + mlp(norm2 x), on NCHW maps (attention on NHWC views)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.cpe1 = ConvPosEnc(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=_EPS)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.cpe2 = ConvPosEnc(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _mix(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.cpe1(x).permute(0, 2, 3, 1)
+        t = t + self.drop_path1(self._mix(self.norm1(t)))
+        t = self.cpe2(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        t = t + self.drop_path2(self.mlp(self.norm2(t)))
+        return t.permute(0, 3, 1, 2)
+
+
+class SpatialBlock(_DualBlock):
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop_path: float = 0.):
+        super().__init__(dim, mlp_ratio, drop_path)
+        self.attn = PartitionAttention(dim, (window_size, window_size), 'block', dim_head=dim // num_heads,
+                                       bias=qkv_bias, rel_pos=False, mask_padding=False)
+
+    def _mix(self, t: torch.Tensor) -> torch.Tensor:
+        return self.attn(t)
+
+
+class ChannelBlock(_DualBlock):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 drop_path: float = 0.):
+        super().__init__(dim, mlp_ratio, drop_path)
+        self.attn = ChannelAttention(dim, num_heads, qkv_bias)
+
+    def _mix(self, t: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = t.shape
+        return self.attn(t.reshape(B, H * W, C)).view(B, H, W, C)
+
+
+class Stem(nn.Module):
+    """Pad right/bottom to a multiple of 4, conv 7x7/4, LayerNorm."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 7, 4, 3)
+        self.norm = LayerNorm2d(out_chs, eps=_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, -W % 4, 0, -H % 4))
+        return self.norm(self.conv(x))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, pad right/bottom to even, conv 2x2/2."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.norm = LayerNorm2d(in_chs, eps=_EPS)
+        self.conv = nn.Conv2d(in_chs, out_chs, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        return self.conv(F.pad(self.norm(x), (0, -W % 2, 0, -H % 2)))
+
+
+class DaVit(StagedModelMixin, nn.Module):
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (1, 1, 3, 1),
+            embed_dims: Tuple[int, ...] = (96, 192, 384, 768),
+            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+            window_size: int = 7,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = embed_dims[-1]
+        self.grad_checkpointing = False
+        self.stem = Stem(in_chans, embed_dims[0])
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages, self.feature_info, prev = [], [], embed_dims[0]
+        for i, (depth, dim, heads) in enumerate(zip(depths, embed_dims, num_heads)):
+            blocks = [nn.Sequential(SpatialBlock(dim, heads, window_size, mlp_ratio, qkv_bias, dpr[i][j]),
+                                    ChannelBlock(dim, heads, mlp_ratio, qkv_bias, dpr[i][j])) for j in range(depth)]
+            stages.append(Stage(blocks, Downsample(prev, dim) if i > 0 else None))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
+            prev = dim
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()
+        self.head = NormMlpClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                          norm_layer=partial(LayerNorm2d, eps=_EPS))
+        self.head_hidden_size = self.head.num_features
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DaVit) -> Dict[str, torch.Tensor]:
+    """timm's layout passes through; the official release (``patch_embeds.*``, ``main_blocks.*``,
+    ``cpe.0/1``, ``norms``, ``head``) is renamed to it."""
+    state_dict = unwrap_state_dict(state_dict)
+    if 'stem.conv.weight' in state_dict:
+        return match_state_dict(state_dict, model)
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^patch_embeds\.0\.proj\.', 'stem.conv.', k)
+        k = re.sub(r'^patch_embeds\.0\.norm\.', 'stem.norm.', k)
+        k = re.sub(r'^patch_embeds\.(\d+)\.proj\.', r'stages.\1.downsample.conv.', k)
+        k = re.sub(r'^patch_embeds\.(\d+)\.norm\.', r'stages.\1.downsample.norm.', k)
+        k = re.sub(r'^main_blocks\.(\d+)\.', r'stages.\1.blocks.', k)
+        k = k.replace('.cpe.0.', '.cpe1.').replace('.cpe.1.', '.cpe2.')
+        k = re.sub(r'^norms\.', 'head.norm.', k)
+        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+        out[k] = v
+    return match_state_dict(out, model)
+
+
+def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
+    return create_model(DaVit, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.95,
+        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'min_input_size': (3, 32, 32), 'license': 'apache-2.0',
+        **kwargs}
+
+
+_ARCH = {
+    'tiny': dict(depths=(1, 1, 3, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    'small': dict(depths=(1, 1, 9, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    'base': dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
+    'large': dict(depths=(1, 1, 9, 1), embed_dims=(192, 384, 768, 1536), num_heads=(6, 12, 24, 48)),
+    'huge': dict(depths=(1, 1, 9, 1), embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64)),
+    'giant': dict(depths=(1, 1, 12, 3), embed_dims=(384, 768, 1536, 3072), num_heads=(12, 24, 48, 96)),
+}
+_PUBLISHED = {'tiny': (28.3, 4.5, 82.8), 'small': (49.7, 8.8, 84.2), 'base': (87.9, 15.5, 84.6)}
+
+default_cfgs = generate_default_cfgs({
+    f'mz_davit_{a}.msft_in1k' if a in _PUBLISHED else f'mz_davit_{a}': _cfg() for a in _ARCH})
+
+
+@register_model
+def mz_davit_tiny(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
+
+
+@register_model
+def mz_davit_small(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_small', pretrained, **dict(_ARCH['small'], **kwargs))
+
+
+@register_model
+def mz_davit_base(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_base', pretrained, **dict(_ARCH['base'], **kwargs))
+
+
+@register_model
+def mz_davit_large(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_large', pretrained, **dict(_ARCH['large'], **kwargs))
+
+
+@register_model
+def mz_davit_huge(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_huge', pretrained, **dict(_ARCH['huge'], **kwargs))
+
+
+@register_model
+def mz_davit_giant(pretrained=False, **kwargs) -> DaVit:
+    return _create_davit('mz_davit_giant', pretrained, **dict(_ARCH['giant'], **kwargs))
+
+
+for _a in _ARCH:
+    _registry.add(f'mz_davit_{_a}', 'davit', f'timm:davit_{_a}', *_PUBLISHED.get(_a, (None, None, None)),
+                  build_only=_a not in ('tiny', 'small'))
