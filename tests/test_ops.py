@@ -22,6 +22,7 @@ class Case:
     make: Callable[[torch.dtype, str], Dict]   # (dtype, device) -> kwargs for the op (tensors may require grad)
     tiny: bool = True                          # small enough for the Triton interpreter
     dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
+    gradcheck: bool = False                    # the case test_gradcheck uses (every option switched on)
 
 
 # ---- window attention -----------------------------------------------------------------------
@@ -49,6 +50,7 @@ def _window_case(B, M, H, N, D, bias, mask, fused=False):
 
 def window_cases() -> List[Case]:
     cases = [_window_case(2, 3, 2, 9, 8, b, m) for b, m in itertools.product((False, True), repeat=2)]
+    cases[-1].gradcheck = True
     cases += [_window_case(1, 2, 1, 16, 16, True, True, fused=True),
               _window_case(2, 1, 3, 20, 32, True, False, fused=True),
               _window_case(1, 4, 2, 49, 32, True, True),          # MaxViT's 7x7 windows
@@ -56,8 +58,44 @@ def window_cases() -> List[Case]:
     return cases
 
 
-CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases}
-OPS = {'window': ops.window_attention}
+# ---- halo attention --------------------------------------------------------------------------
+
+def _halo_case(B, h, D, H, W, stride, block, halo, rel, border, Dv=None):
+    Dv = Dv or D
+
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(H * 100 + W + stride)
+        Hq, Wq = -(-H // stride), -(-W // stride)
+        kw = dict(q=torch.randn(B, h, D, Hq, Wq, generator=g).to(device, dtype).requires_grad_(),
+                  k=torch.randn(B, h, D, H, W, generator=g).to(device, dtype).requires_grad_(),
+                  v=torch.randn(B, h, Dv, H, W, generator=g).to(device, dtype).requires_grad_(),
+                  block=block, halo=halo, border=border)
+        if rel:
+            win = block + 2 * halo
+            kw['rel_h'] = (0.3 * torch.randn(2 * win - 1, D, generator=g)).to(device, dtype).requires_grad_()
+            kw['rel_w'] = (0.3 * torch.randn(2 * win - 1, D, generator=g)).to(device, dtype).requires_grad_()
+        return kw
+    tag = f'B{B}h{h}d{D}-{H}x{W}-s{stride}-b{block}h{halo}' + ('-rel' if rel else '') + f'-{border}'
+    return Case(tag, make, tiny=B * h * H * W <= 256)
+
+
+def halo_cases() -> List[Case]:
+    return [_halo_case(2, 2, 8, 8, 8, 1, 4, 1, True, 'zero_pad'),
+            _halo_case(1, 2, 8, 8, 8, 1, 4, 1, True, 'mask'),
+            _halo_case(1, 1, 16, 11, 7, 1, 4, 2, True, 'zero_pad', Dv=8),     # odd sizes, Dv != Dqk
+            _halo_case(1, 2, 8, 10, 13, 1, 4, 2, False, 'mask'),
+            _halo_case(1, 2, 8, 8, 12, 2, 4, 1, True, 'zero_pad'),             # strided queries
+            _halo_case(1, 1, 8, 9, 7, 2, 4, 1, True, 'mask'),
+            _halo_case(1, 1, 8, 3, 5, 1, 8, 3, True, 'mask'),                 # map smaller than a block
+            Case(**{**_halo_case(1, 1, 4, 5, 6, 2, 4, 1, True, 'mask').__dict__, 'gradcheck': True})]
+
+
+CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases, 'halo': halo_cases}
+OPS = {'window': ops.window_attention, 'halo': ops.halo_attention}
+# how each op describes a call to the dispatcher (for the "can this backend run here" check)
+CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], window_area=kw['q'].shape[-2]),
+         'halo': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[2],
+                                              window_area=(kw['block'] + 2 * kw['halo']) ** 2)}
 
 
 def test_every_registered_op_has_cases():
@@ -85,8 +123,7 @@ def _params():
 
 def _skip_if_unrunnable(op, backend, kwargs):
     b = {x.name: x for x in _dispatch.backends(op)}[backend]
-    q = kwargs['q']
-    why = b.reasons(_dispatch.Call.of(q, head_dim=q.shape[-1], window_area=q.shape[-2]), forced=True)
+    why = b.reasons(CALLS[op](kwargs), forced=True)
     if any('not importable' in w for w in why):
         pytest.skip(f'{MISSING_DEP}: ' + '; '.join(why))
     if why:

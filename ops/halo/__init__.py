@@ -1,0 +1,71 @@
+"""Halo (blocked local) attention, Vaswani et al. 2021 / timm's HaloAttn.
+
+    out = halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None,
+                         border='zero_pad', backend=None)
+
+q       (B, heads, Dqk, Hq, Wq): queries, per-head channels first (a view of an NCHW projection).
+        Hq = ceil(H / s) for a query stride s in {1, 2}; query blocks are block // s wide.
+k, v    (B, heads, Dqk | Dv, H, W): keys / values on the full-resolution map.
+block   query block size at full resolution; halo: extra rows/cols of keys on each side, so each
+        block attends to a (block + 2 * halo)^2 window.
+rel_h, rel_w  optional (2 * win - 1, Dqk) relative-position embeddings: logit += q . rel_h[kr - qr +
+        win - 1] + q . rel_w[kc - qc + win - 1] with (qr, qc) the query's offset in its block and
+        (kr, kc) the key's offset in the window (timm's PosEmbedRel; added after scaling q . k).
+border  'zero_pad': keys outside the map are zero vectors and take part in the softmax (timm's
+        HaloNet, kept for faithfulness); 'mask': they are excluded.
+Any H, W: maps are padded to a block multiple internally and the output cropped.
+Returns (B, heads, Dv, Hq, Wq).
+"""
+import importlib
+from typing import Optional
+
+from .._dispatch import Backend, Call, register, select
+from . import reference as _reference
+from .geometry import BORDERS
+
+_torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
+import torch  # noqa: E402
+
+__all__ = ['halo_attention']
+OP = 'halo'
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),
+                 doc='one K/V unfold, gathered relative logits, SDPA'))
+register(Backend(OP, 'reference', _reference.halo_attention, dtypes=_FLOATS + (torch.float64,),
+                 doc='unfold + explicit softmax (oracle)'))
+
+
+def _validate(q, k, v, block, halo, rel_h, rel_w, border):
+    if q.dim() != 5 or k.dim() != 5 or v.dim() != 5:
+        raise ValueError(f'halo_attention: q, k, v must be (B, heads, D, H, W); got {tuple(q.shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}')
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or k.shape[2] != q.shape[2]:
+        raise ValueError(f'halo_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share '
+                         '(B, heads) and q/k the head dim')
+    if k.shape[-2:] != v.shape[-2:]:
+        raise ValueError(f'halo_attention: k map {tuple(k.shape[-2:])} != v map {tuple(v.shape[-2:])}')
+    H, W = k.shape[-2:]
+    s = -(-H // q.shape[-2])
+    if s not in (1, 2) or q.shape[-2:] != (-(-H // s), -(-W // s)) or block % s:
+        raise ValueError(f'halo_attention: query map {tuple(q.shape[-2:])} must be the key map {(H, W)} '
+                         f'at stride 1 or 2 (ceil), with block {block} divisible by the stride')
+    if border not in BORDERS:
+        raise ValueError(f'halo_attention: border must be one of {BORDERS}, got {border!r}')
+    win = block + 2 * halo
+    for name, t in (('rel_h', rel_h), ('rel_w', rel_w)):
+        if (rel_h is None) != (rel_w is None):
+            raise ValueError('halo_attention: give both rel_h and rel_w or neither')
+        if t is not None and tuple(t.shape) != (2 * win - 1, q.shape[2]):
+            raise ValueError(f'halo_attention: {name} must be (2 * win - 1, Dqk) = {(2 * win - 1, q.shape[2])}, '
+                             f'got {tuple(t.shape)}')
+
+
+def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, halo: int,
+                   rel_h: Optional[torch.Tensor] = None, rel_w: Optional[torch.Tensor] = None,
+                   scale: Optional[float] = None, border: str = 'zero_pad',
+                   backend: Optional[str] = None) -> torch.Tensor:
+    _validate(q, k, v, block, halo, rel_h, rel_w, border)
+    call = Call.of(q, k, v, rel_h, head_dim=q.shape[2], window_area=(block + 2 * halo) ** 2)
+    return select(OP, call, backend).fn(q, k, v, block, halo, rel_h, rel_w, scale, border)
