@@ -8,6 +8,7 @@ one run (interleaved repetitions, best of each), as a ratio.
     python tools/benchmark.py --model mz_maxvit_tiny_tf_224 mz_poolformer_s12
     python tools/benchmark.py --model 'mz_poolformer_*' --batch-size 16 --csv out.csv
     python tools/benchmark.py --model mz_maxvit_tiny_tf_224 --compare-backend reference
+    python tools/benchmark.py --op halo [--backward]     # an op's backends: time and peak memory
 
 Speed columns: zoo img/s, reference img/s, ratio = zoo / reference (>1: zoo faster); with
 --compare-backend B also the zoo with every op forced to backend B and default / B.
@@ -90,9 +91,20 @@ def main(argv=None):
     p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
     p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
     p.add_argument('--csv', default=None, help='append rows to this CSV file')
+    p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo): time and peak '
+                                               'memory on its family\'s shapes (tools/opbench.py)')
+    p.add_argument('--backward', action='store_true', help='with --op: time forward+backward')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.op:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import opbench
+        if args.op not in opbench.OPS:
+            p.error(f'--op must be one of {", ".join(opbench.OPS)}')
+        print(f'torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {args.dtype}')
+        opbench.OPS[args.op](args)
+        return 0
     dtype = getattr(torch, args.dtype)
 
     names = list(MODELS)

@@ -37,6 +37,8 @@ def build(old):
             cfg = get_pretrained_cfg(full).to_dict()
             sources = [{'url': f"https://huggingface.co/{cfg['hf_hub_id']}/resolve/main/model.safetensors",
                         'layout': 'timm', 'format': 'safetensors'}]
+            if cfg.get('url'):     # the weights' original release file (for HaloNets, timm's own)
+                sources.append({'url': cfg['url'], 'layout': 'timm', 'format': 'torch'})
             if info.family in OFFICIAL and tag.endswith('in1k'):
                 sources.append({'url': OFFICIAL[info.family].format(ref=ref), 'layout': 'official', 'format': 'torch'})
             res = cfg['input_size'][-1]
@@ -46,6 +48,8 @@ def build(old):
                 'resolution': res, 'crop_pct': cfg.get('crop_pct'),
                 'top1': info.top1 if tag.endswith('in1k') and 'in21k' not in tag and res == info.img_size else None})
         out['models'][name] = {'family': info.family, 'reference': info.reference, 'checkpoints': entries}
+        if not entries:
+            out['models'][name]['note'] = 'no released weights (build-only / untrained in the reference)'
     return out
 
 

@@ -19,7 +19,7 @@ Returns (B, heads, Dv, Hq, Wq).
 import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select
+from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
 from . import reference as _reference
 from .geometry import BORDERS
 
@@ -31,6 +31,16 @@ OP = 'halo'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _triton_fn(*args):
+    from . import triton as _triton   # imported lazily: triton is optional
+    return _triton.halo_attention(*args)
+
+
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS,
+                 head_dims=(1, 128), limits={'window_area': 1024}, available=triton_unavailable,
+                 check=triton_interpreter_limits,
+                 doc='fused forward + backward reading the halo window from the map (no unfolded K/V); '
+                     'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
 register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='one K/V unfold, gathered relative logits, SDPA'))
 register(Backend(OP, 'reference', _reference.halo_attention, dtypes=_FLOATS + (torch.float64,),

@@ -1,0 +1,120 @@
+"""Op benchmarks (``python tools/benchmark.py --op window|halo``): time and peak memory of every
+backend of an op that can run here, side by side in one run, on the shapes of the family that uses
+it; for ``halo`` also timm's HaloAttn module beside the zoo's mixer (same weights, 1x1 projections
+included), at halonet26t's stage-3 shape.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the running sum of the profiler's
+per-op self allocations (memory alive beyond the inputs during the call).
+"""
+import time
+from typing import Callable, Dict
+
+import torch
+
+from ops import _dispatch
+
+
+def peak_mb(fn: Callable, device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    with torch.profiler.profile(profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2 ** 20
+
+
+def best_time(fns: Dict[str, Callable], reps: int, device: str) -> Dict[str, float]:
+    best = {k: float('inf') for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _runnable(op: str, call: _dispatch.Call):
+    return [b.name for b in _dispatch.backends(op) if not b.reasons(call, forced=True)]
+
+
+def _report(title, fns, reps, device, backward):
+    t = best_time(fns, reps, device)
+    base = t.get('reference')
+    print(f'\n{title}  ({"forward+backward" if backward else "forward"}, best of {reps})')
+    print(f'  {"implementation":28s} {"ms":>9s} {"peak MB":>9s} {"speed vs reference":>19s}')
+    for k, f in fns.items():
+        ratio = f'{base / t[k]:.2f}x' if base else '-'
+        print(f'  {k:28s} {t[k] * 1e3:9.2f} {peak_mb(f, device):9.1f} {ratio:>19s}')
+
+
+def _call(fn, backward, *tensors):
+    def run():
+        if backward:
+            for t in tensors:
+                t.grad = None
+            fn().float().sum().backward()
+        else:
+            with torch.no_grad():
+                fn()
+    return run
+
+
+def window(args):
+    from ops import window_attention
+    dev, dt = args.device, getattr(torch, args.dtype)
+    # MaxViT-T stage 1: 56x56 map, 7x7 windows, 2 heads of 32, batch 8 at 224
+    B, H, N, D = args.batch_size * 64, 2, 49, 32
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt, requires_grad=args.backward) for _ in range(3))
+    bias = torch.randn(H, N, N, device=dev, dtype=dt, requires_grad=args.backward)
+    call = _dispatch.Call.of(q, head_dim=D, window_area=N)
+    fns = {be: _call(lambda be=be: window_attention(q, k, v, bias, backend=be), args.backward, q, k, v, bias)
+           for be in _runnable('window', call)}
+    _report(f'window attention, MaxViT-T stage-1 shape ({B} windows x {H} heads x {N} tokens x {D})',
+            fns, args.reps, dev, args.backward)
+
+
+def halo(args):
+    from timm.layers.halo_attn import HaloAttn
+
+    from backbones.mixers import HaloAttention
+    dev, dt = args.device, getattr(torch, args.dtype)
+    for img in (256, 224):
+        hw = img // 16
+        zoo = HaloAttention(256, 256, num_heads=8, block_size=8, halo_size=2).to(dev, dt)
+        x = torch.randn(args.batch_size, 256, hw, hw, device=dev, dtype=dt, requires_grad=args.backward)
+        q = torch.randn(args.batch_size, 8, 32, hw, hw, device=dev, dtype=dt)
+        call = _dispatch.Call.of(q, head_dim=32, window_area=144)
+        fns = {f'zoo mixer [{be}]': _call(lambda be=be: zoo(x, backend=be), args.backward, x)
+               for be in _runnable('halo', call)}
+        if hw % 8 == 0:
+            ref = HaloAttn(256, 256, num_heads=8, block_size=8, halo_size=2).to(dev, dt)
+            ref.load_state_dict(zoo.state_dict())
+            fns['timm HaloAttn'] = _call(lambda: ref(x), args.backward, x)
+            base_key = 'timm HaloAttn'
+        else:
+            base_key = None
+        t = best_time(fns, args.reps, dev)
+        print(f'\nhalo attention module, halonet26t stage-3 shape at {img} input: ({args.batch_size}, 256, {hw}, '
+              f'{hw}), 8 heads, block 8, halo 2 ({"forward+backward" if args.backward else "forward"}, '
+              f'best of {args.reps})' + ('' if base_key else ' -- timm cannot run this size (needs multiples of 8)'))
+        print(f'  {"implementation":28s} {"ms":>9s} {"peak MB":>9s} {"speed vs timm":>14s}')
+        for k, f in fns.items():
+            ratio = f'{t[base_key] / t[k]:.2f}x' if base_key else '-'
+            print(f'  {k:28s} {t[k] * 1e3:9.2f} {peak_mb(f, dev):9.1f} {ratio:>14s}')
+
+
+OPS = {'window': window, 'halo': halo}
