@@ -13,13 +13,14 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, SEModule, make_divisible
+from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, SEModule, make_divisible
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from . import _registry
 from ._builder import create_model
 from ._features import StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
+from .layers import FoldedConvNormAct as ConvNormAct
 from .layers import drop_path_rates
 from .mixers import HaloAttention
 

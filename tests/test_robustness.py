@@ -144,6 +144,15 @@ def test_triton_op_is_a_custom_op_under_compile():
     assert rel_err(out, ops.window_attention(q, k, v, backend='reference')) < 1e-5
     assert hasattr(torch.ops.mixzoo, 'window_attention_fwd')
 
+    q, k, v = torch.randn(1, 2, 8, 6, 6), torch.randn(1, 2, 8, 6, 6), torch.randn(1, 2, 8, 6, 6)
+    rel = torch.randn(11, 8) * 0.3
+
+    def g(q, k, v):
+        return ops.halo_attention(q, k, v, 4, 1, rel, rel, backend='triton')
+    out = torch.compile(g, backend='aot_eager', fullgraph=True)(q, k, v)
+    assert rel_err(out, ops.halo_attention(q, k, v, 4, 1, rel, rel, backend='reference')) < 1e-5
+    assert hasattr(torch.ops.mixzoo, 'halo_attention_fwd')
+
 
 # ---- bad input: a clear error naming the problem ------------------------------------------------
 

@@ -6,12 +6,30 @@ included), at halonet26t's stage-3 shape.
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the running sum of the profiler's
 per-op self allocations (memory alive beyond the inputs during the call).
 """
+import os
+import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Dict
 
 import torch
 
 from ops import _dispatch
+
+
+@contextmanager
+def _quiet_stderr():
+    """The CPU profiler's native layer logs start/stop lines on fd 2; keep the table readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def peak_mb(fn: Callable, device: str) -> float:
@@ -22,7 +40,7 @@ def peak_mb(fn: Callable, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    with torch.profiler.profile(profile_memory=True) as prof:
+    with _quiet_stderr(), torch.profiler.profile(profile_memory=True) as prof:
         fn()
     cur = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
