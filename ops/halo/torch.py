@@ -13,13 +13,24 @@ import torch.nn.functional as F
 from . import geometry as G
 
 
+def _kv(k, v):
+    """k and v as one (B, h, Dk + Dv, H, W) tensor: a zero-copy view when they are adjacent channel
+    slices of one projection (as the halo mixer passes them) and no gradient is needed, else a copy."""
+    adjacent = (k.dtype == v.dtype and k.stride() == v.stride() and k.shape[:2] == v.shape[:2]
+                and k.shape[3:] == v.shape[3:]
+                and v.data_ptr() == k.data_ptr() + k.shape[2] * k.stride(2) * k.element_size())
+    if adjacent and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        return k.as_strided((*k.shape[:2], k.shape[2] + v.shape[2], *k.shape[3:]), k.stride())
+    return torch.cat([k, v], dim=2)
+
+
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad'):
     stride, bq, win, nbh, nbw, Hp, Wp = G.dims(q, k, block, halo)
     H, W = k.shape[-2:]
     B, h, D = q.shape[:3]
     scale = D ** -0.5 if scale is None else scale
     n, nq, nk = B * h * nbh * nbw, bq * bq, win * win
-    kv = G.key_windows(torch.cat([k, v], dim=2), block, halo, Hp, Wp).reshape(n, 1, nk, -1)  # one unfold
+    kv = G.key_windows(_kv(k, v), block, halo, Hp, Wp).reshape(n, 1, nk, -1)  # one unfold for K and V
     kw, vw = kv[..., :D], kv[..., D:]
     qb = G.query_blocks(q, bq, nbh, nbw)
     mask = G.rel_logits(qb, rel_h, rel_w, bq, win).reshape(n, 1, nq, nk) if rel_h is not None else None
