@@ -16,10 +16,15 @@ from . import geometry as G
 def _kv(k, v):
     """k and v as one (B, h, Dk + Dv, H, W) tensor: a zero-copy view when they are adjacent channel
     slices of one projection (as the halo mixer passes them) and no gradient is needed, else a copy."""
-    adjacent = (k.dtype == v.dtype and k.stride() == v.stride() and k.shape[:2] == v.shape[:2]
-                and k.shape[3:] == v.shape[3:]
-                and v.data_ptr() == k.data_ptr() + k.shape[2] * k.stride(2) * k.element_size())
-    if adjacent and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        return torch.cat([k, v], dim=2)
+    try:   # traced (fake) tensors have no storage to compare: take the copy
+        adjacent = (k.dtype == v.dtype and k.stride() == v.stride() and k.shape[:2] == v.shape[:2]
+                    and k.shape[3:] == v.shape[3:]
+                    and v.data_ptr() == k.data_ptr() + k.shape[2] * k.stride(2) * k.element_size())
+    except RuntimeError:
+        adjacent = False
+    if adjacent:
         return k.as_strided((*k.shape[:2], k.shape[2] + v.shape[2], *k.shape[3:]), k.stride())
     return torch.cat([k, v], dim=2)
 
