@@ -78,6 +78,15 @@ class StagedModelMixin:
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        """For timm's NormMlpClassifierHead-style heads (``head.reset``); other heads override."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self.stem(self._to_internal(x))

@@ -10,7 +10,7 @@ Inside a stage the maps stay channels-last, so the block's token <-> map switche
 """
 import re
 from functools import partial
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -160,14 +160,6 @@ class DaVit(StagedModelMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
-        self.head_hidden_size = self.head.num_features
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DaVit) -> Dict[str, torch.Tensor]:

@@ -173,14 +173,6 @@ class MaxVit(StagedModelMixin, nn.Module):
     def no_weight_decay(self):
         return {k for k, _ in self.named_parameters() if 'relative_position_bias_table' in k}
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
-        self.head_hidden_size = self.head.num_features
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
 
 def _init_weights(m: nn.Module, name: str) -> None:
     """timm's 'vit_eff' scheme: xavier-uniform linears (tiny MLP bias), EfficientNet-style convs."""

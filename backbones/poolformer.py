@@ -6,7 +6,7 @@ conv stem 7x7/4, stages of [GroupNorm -> pooling mixer -> layer scale] + [GroupN
 ``checkpoint_filter_fn`` also accepts the original sail-sg/poolformer release layout.
 """
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -106,13 +106,6 @@ class PoolFormer(StagedModelMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer) -> Dict[str, torch.Tensor]:

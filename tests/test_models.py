@@ -250,7 +250,8 @@ def test_davit_official_release_layout_loads(tmp_path):
     ref = randomize_(timm.create_model('davit_tiny')).eval()
     orig = {}
     for k, v in ref.state_dict().items():
-        k = re.sub(r'^stem\.(conv|norm)\.', lambda m: f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.", k)
+        k = re.sub(r'^stem\.(conv|norm)\.',
+                   lambda m: f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.", k)
         k = re.sub(r'^stages\.(\d+)\.downsample\.(conv|norm)\.',
                    lambda m: f"patch_embeds.{m.group(1)}.{'proj' if m.group(2) == 'conv' else 'norm'}.", k)
         k = re.sub(r'^stages\.(\d+)\.blocks\.', r'main_blocks.\1.', k)

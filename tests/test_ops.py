@@ -5,7 +5,7 @@ op's grid (shapes, dtypes, options) with NaN-poisoned outputs, forward and gradi
 with `reference` evaluated in float64, at the tolerance the backend declares for the dtype.
 Triton backends run under TRITON_INTERPRET=1 when there is no GPU (tiny shapes)."""
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import pytest
@@ -44,7 +44,8 @@ def _window_case(B, M, H, N, D, bias, mask, fused=False):
             km[:, 0] = True     # as with padding, every window keeps a real key
             kw['key_mask'] = km.to(device)
         return kw
-    tag = f'B{B}xW{M}-h{H}-N{N}-d{D}' + ('-bias' if bias else '') + ('-mask' if mask else '') + ('-fused' if fused else '')
+    tag = (f'B{B}xW{M}-h{H}-N{N}-d{D}' + ('-bias' if bias else '') + ('-mask' if mask else '')
+           + ('-fused' if fused else ''))
     return Case(tag, make, tiny=N * B * M * H <= 400)
 
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
-import backbones  # noqa: E402
+import backbones  # noqa: E402,F401  (registers the models)
 from backbones import MODELS  # noqa: E402
 
 

@@ -6,8 +6,6 @@ key map starting at (i * block - halo, j * block - halo). Maps of any size are p
 bottom/right to a block multiple; keys outside the map are zero vectors (``zero_pad``, timm's
 HaloNet) or excluded from the softmax (``mask``).
 """
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 

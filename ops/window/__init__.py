@@ -71,6 +71,7 @@ def _validate(q, k, v, bias, key_mask):
             raise ValueError(f'window_attention: B*windows={Bp} is not a multiple of key_mask rows '
                              f'{key_mask.shape[0]}')
 
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      key_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
