@@ -1,4 +1,5 @@
 """One way every family builds a model through timm's builder."""
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
 from . import _pretrained
@@ -12,3 +13,11 @@ def create_model(cls, variant: str, pretrained: bool, filter_fn, default_out_ind
     return build_model_with_cfg(
         cls, variant, pretrained, pretrained_filter_fn=filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', default_out_indices)), **kwargs)
+
+
+def base_cfg(**kwargs) -> dict:
+    """The pretrained-cfg fields every family shares (ImageNet-1k, bicubic, ImageNet mean/std, the
+    zoo's 32x32 minimum input); families pass their own input size, crop, first conv, classifier."""
+    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+            'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+            'min_input_size': (3, 32, 32), 'license': 'apache-2.0', **kwargs}

@@ -12,12 +12,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, SEModule, make_divisible
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from . import _registry
-from ._builder import create_model
+from ._builder import base_cfg, create_model
 from ._features import StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import FoldedConvNormAct as ConvNormAct
@@ -203,11 +202,8 @@ def _create_halonet(variant: str, cfg: HaloCfg, pretrained: bool = False, **kwar
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 256, 256), 'pool_size': (8, 8), 'crop_pct': 0.95,
-        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc', 'min_input_size': (3, 32, 32),
-        'license': 'apache-2.0', **kwargs}
+    return base_cfg(**{'input_size': (3, 256, 256), 'pool_size': (8, 8), 'crop_pct': 0.95,
+                       'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc', **kwargs})
 
 
 CFGS = {

@@ -20,7 +20,7 @@ from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNor
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
-from ._builder import create_model
+from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
@@ -210,10 +210,8 @@ def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxVit:
 def _cfg(size: int = 224, **kwargs):
     extra = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.95) if size == 224 else dict(
         mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, crop_pct=1.0, crop_mode='squash')
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, size, size), 'pool_size': (size // 32, size // 32),
-        'interpolation': 'bicubic', 'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'min_input_size': (3, 32, 32), 'license': 'apache-2.0', **extra, **kwargs}
+    return base_cfg(**{'input_size': (3, size, size), 'pool_size': (size // 32, size // 32),
+                       'first_conv': 'stem.conv1', 'classifier': 'head.fc', **extra, **kwargs})
 
 
 _ARCH = {

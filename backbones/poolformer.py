@@ -11,12 +11,11 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
-from ._builder import create_model
+from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import ChannelScale, drop_path_rates
@@ -136,11 +135,7 @@ def _create_poolformer(variant: str, pretrained: bool = False, **kwargs) -> Pool
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'min_input_size': (3, 32, 32),
-        'license': 'apache-2.0', **kwargs}
+    return base_cfg(**{'crop_pct': 0.9, 'first_conv': 'stem.conv', 'classifier': 'head.fc', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -12,12 +12,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SEModule, SelectAdaptivePool2d, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
-from ._builder import create_model
+from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
 from .layers import ConvNorm, Residual, fuse_modules
@@ -206,11 +205,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs) -> SHViT:
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (4, 4), 'crop_pct': 0.875,
-        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.0.c', 'classifier': 'head.l', 'min_input_size': (3, 32, 32),
-        'license': 'mit', **kwargs}
+    return base_cfg(**{'pool_size': (4, 4), 'crop_pct': 0.875, 'first_conv': 'patch_embed.0.c', 'classifier': 'head.l',
+                       'license': 'mit', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -145,6 +145,21 @@ def test_backward_and_grad_checkpointing(name):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize('name', [pytest.param(n, id=n) for n in TIMM])
+def test_preprocessing_cfg_matches_reference(name):
+    """Evaluation preprocessing must be the reference's, or published accuracy is not reproduced."""
+    from timm.models import get_pretrained_cfg
+    ref_name = MODELS[name].reference.split(':', 1)[1]
+    tags = [n for n in timm.list_pretrained(ref_name + '.*') if n.split('.')[0] == ref_name]
+    if not tags:
+        return   # the reference has no released weights (and so no evaluation preprocessing)
+    ref = get_pretrained_cfg(tags[0]).to_dict()
+    zoo = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ('input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std'):
+        assert tuple(zoo[key]) == tuple(ref[key]) if isinstance(ref[key], (tuple, list)) else zoo[key] == ref[key], \
+            (key, zoo[key], ref[key])
+
+
 @pytest.mark.parametrize('name', _run_params())
 def test_default_cfg_is_complete(name):
     cfg = timm.create_model(name, pretrained=False).pretrained_cfg
