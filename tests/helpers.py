@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from backbones._counting import gmacs, param_count  # noqa: F401  (re-exported for the tests)
+
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -27,21 +29,3 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to the scale (max |b|) of the reference."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def gmacs(model: nn.Module, size, by_op: bool = False):
-    """Multiply-accumulates (G) of one forward, FlopCounterMode total / 2 (REFERENCE.md's convention);
-    with ``by_op`` also a {aten op name: GMACs} breakdown."""
-    from torch.utils.flop_counter import FlopCounterMode
-    p = next(model.parameters())
-    x = torch.empty((1, 3) + tuple(size), device=p.device, dtype=p.dtype)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.eval()(x)
-    total = fc.get_total_flops() / 2e9
-    if not by_op:
-        return total
-    return total, {str(k).split('.')[-1]: v / 2e9 for k, v in fc.get_flop_counts()['Global'].items()}

@@ -20,8 +20,8 @@ import csv
 import fnmatch
 import os
 import sys
-import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -29,16 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import backbones  # noqa: E402,F401  (registers the models)
+from backbones._counting import gmacs, param_count  # noqa: E402
+from opbench import best_time  # noqa: E402  (tools/ is on sys.path: this script's folder)
 from backbones import MODELS  # noqa: E402
-
-
-def count(model, size):
-    from torch.utils.flop_counter import FlopCounterMode
-    params = sum(p.numel() for p in model.parameters())
-    x = torch.empty(1, 3, *size, device='meta')
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.eval()(x)
-    return params / 1e6, fc.get_total_flops() / 2e9
 
 
 @contextmanager
@@ -57,19 +50,9 @@ def forced_backend(spec):
 
 def time_side_by_side(runs, x, reps, device):
     """runs: {label: callable}. Interleaved repetitions; returns {label: best seconds}, outputs."""
-    outs, best = {}, {k: float('inf') for k in runs}
     with torch.inference_mode():
-        for k, f in runs.items():     # warm-up (and outputs for the equivalence column)
-            outs[k] = f(x)
-        for _ in range(reps):
-            for k, f in runs.items():
-                if device == 'cuda':
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                f(x)
-                if device == 'cuda':
-                    torch.cuda.synchronize()
-                best[k] = min(best[k], time.perf_counter() - t0)
+        outs = {k: f(x) for k, f in runs.items()}     # the warm-up, and outputs for the equivalence column
+        best = best_time({k: partial(f, x) for k, f in runs.items()}, reps, device, warmup=False)
     return best, outs
 
 
@@ -98,7 +81,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.op:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import opbench
         if args.op not in opbench.OPS:
             p.error(f'--op must be one of {", ".join(opbench.OPS)}')
@@ -128,7 +110,8 @@ def main(argv=None):
         info = MODELS[name]
         size = (args.img_size or info.img_size,) * 2
         with torch.device('meta'):
-            params, g = count(timm.create_model(name), size)
+            zm = timm.create_model(name)
+            params, g = param_count(zm) / 1e6, gmacs(zm, size)
         row = dict(zip(cols, [name, info.reference, round(params, 2), info.params_m, round(g, 3), info.gmacs,
                               round(100 * (g - info.gmacs) / info.gmacs, 2) if info.gmacs else None, info.top1]))
         if name in timed:

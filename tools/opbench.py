@@ -49,9 +49,10 @@ def peak_mb(fn: Callable, device: str) -> float:
     return peak / 2 ** 20
 
 
-def best_time(fns: Dict[str, Callable], reps: int, device: str) -> Dict[str, float]:
+def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = True) -> Dict[str, float]:
+    """Best seconds of each callable over ``reps`` interleaved rounds (one warm-up call each first)."""
     best = {k: float('inf') for k in fns}
-    for f in fns.values():
+    for f in fns.values() if warmup else ():
         f()
     for _ in range(reps):
         for k, f in fns.items():
