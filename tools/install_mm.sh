@@ -37,5 +37,6 @@ if [ -z "$wheel" ]; then
   wheel=$(ls "$built"/mmcv-2.1.0-*.whl | head -1)
   rm -rf "$d"
 fi
-pip install -c "$root/constraints.txt" "$wheel" mmengine mmdet mmsegmentation ftfy regex pycocotools
-"$py" -c "import mmcv, mmdet, mmseg; from mmcv.ops import nms; print('[install_mm] mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
+# (mmengine 0.10 imports pkg_resources, which setuptools >= 81 no longer ships)
+pip install -c "$root/constraints.txt" "$wheel" mmengine mmdet mmsegmentation ftfy regex pycocotools "setuptools<81"
+"$py" -c "import mmcv, mmdet, mmseg, pkg_resources; from mmcv.ops import nms; print('[install_mm] mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
