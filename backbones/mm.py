@@ -120,7 +120,7 @@ class MixZooBackbone(BaseModule):
         else:
             # a classifier checkpoint in any layout the family takes: match it against the whole
             # model, then keep what the pruned backbone uses (no final norm, no head)
-            probe = timm.create_model(self.model_name, pretrained=False, num_classes=0)
+            probe = timm.create_model(self.model_name, pretrained=False)   # with its head, as released
             sd = match_state_dict(_convert.filter_fn_of(probe)(dict(sd), probe), probe)
             keep = self.model.state_dict()
             self.model.load_state_dict({k: v for k, v in sd.items() if k in keep}, strict=True)

@@ -19,6 +19,13 @@ sys.path.insert(0, str(ROOT))
 # official dense-task configs where a repository reports results (else the recipe named in `note`).
 SWIN_NO_DECAY = {'norm': dict(decay_mult=0.0), 'rel_pos': dict(decay_mult=0.0),
                  'relative_position': dict(decay_mult=0.0)}
+# Swin's dense-task settings (AdamW, no decay on norms / relative-position tables, per-output LayerNorm)
+SWIN_RECIPE = dict(
+    backbone=dict(out_norm='ln'),
+    drop_path=dict(det=(0.2, 0.3), seg=(0.3, 0.3)),
+    det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05), no_decay=SWIN_NO_DECAY),
+    seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), no_decay=SWIN_NO_DECAY,
+             poly_power=1.0, warmup=1500))
 RECIPES = {
     'poolformer': dict(
         variants=[('mz_poolformer_s12', 'poolformer-s12'), ('mz_poolformer_s24', 'poolformer-s24')],
@@ -29,21 +36,11 @@ RECIPES = {
              'images = 80k x 16 here)'),
     'davit': dict(
         variants=[('mz_davit_tiny', 'davit-tiny'), ('mz_davit_small', 'davit-small')],
-        backbone=dict(out_norm='ln'),
-        drop_path=dict(det=(0.2, 0.3), seg=(0.3, 0.3)),
-        det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-                 no_decay=SWIN_NO_DECAY),
-        seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-                 no_decay=SWIN_NO_DECAY, poly_power=1.0, warmup=1500),
+        **SWIN_RECIPE,
         note="Swin's dense-task recipe, which the DaViT paper follows"),
     'maxvit': dict(
         variants=[('mz_maxvit_tiny_tf_224', 'maxvit-tiny'), ('mz_maxvit_small_tf_224', 'maxvit-small')],
-        backbone=dict(out_norm='ln'),
-        drop_path=dict(det=(0.2, 0.3), seg=(0.3, 0.3)),
-        det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-                 no_decay=SWIN_NO_DECAY),
-        seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-                 no_decay=SWIN_NO_DECAY, poly_power=1.0, warmup=1500),
+        **SWIN_RECIPE,
         note="no official dense configs: Swin's recipe"),
     'halonet': dict(
         variants=[('mz_halonet26t', 'halonet26t'), ('mz_halonet50ts', 'halonet50ts')],
@@ -95,26 +92,71 @@ def backbone_block(name, opts, drop_path, extra=None):
     return f'dict(_delete_=True, {body})'
 
 
-def optim_block(recipe, key):
-    r = recipe[key]
+def optim_base(task, recipe, method, files):
+    """The method's base with the family's optimizer (and for mmseg its LR schedule), named after its
+    settings so families with the same recipe share it; the plain method base when the mm base
+    schedule's optimizer is kept. (A child of the method base, not a sibling: mmengine refuses the
+    same key in two sibling bases.)"""
+    parent = method_base(method, files)
+    r = recipe['det' if task == 'mmdet' else 'seg']
     if 'optimizer' not in r:
-        return ''
-    pw = ''
-    if r.get('no_decay'):
-        pw = f",\n    paramwise_cfg=dict(custom_keys={fmt(r['no_decay'])})"
-    return (f"optim_wrapper = dict(\n    _delete_=True, type='OptimWrapper', optimizer={fmt(r['optimizer'])}, "
-            f"clip_grad=None{pw})\n")
+        return parent
+    o = r['optimizer']
+    name = f"adamw_lr{o['lr']:g}_wd{o['weight_decay']:g}" + ('_nodecay-norms' if r.get('no_decay') else '')
+    pw = f",\n    paramwise_cfg=dict(custom_keys={fmt(r['no_decay'])})" if r.get('no_decay') else ''
+    lines = [HEADER, f"_base_ = ['./{Path(parent).name}']",
+             f"optim_wrapper = dict(\n    _delete_=True, type='OptimWrapper', optimizer={fmt(o)}, clip_grad=None{pw})"]
+    if task == 'mmseg':
+        iters = 160000 if method == 'upernet' else 80000
+        warm = r.get('warmup', 0)
+        name += f"_poly{r['poly_power']:g}" + (f'_warmup{warm}' if warm else '')
+        lines.append('param_scheduler = [')
+        if warm:
+            lines.append(f"    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end={warm}),")
+        lines += [f"    dict(type='PolyLR', eta_min=0.0, power={r['poly_power']}, begin={warm}, end={iters}, "
+                  f"by_epoch=False),", ']']
+    rel = f"{parent[:-len('.py')]}_{name}.py"
+    files[f'configs/{task}/{rel[2:]}'] = '\n'.join(lines) + '\n'
+    return rel
 
 
-def det_config(method, name, short, recipe, i):
+MM_BASES = {
+    'mask-rcnn': ('mmdet', ['models/mask-rcnn_r50_fpn', 'datasets/coco_instance', 'schedules/schedule_1x',
+                            'default_runtime'], 'fpn_1x_coco'),
+    'retinanet': ('mmdet', ['models/retinanet_r50_fpn', 'datasets/coco_detection', 'schedules/schedule_1x',
+                            'default_runtime'], 'fpn_1x_coco'),
+    'upernet': ('mmseg', ['models/upernet_r50', 'datasets/ade20k', 'schedules/schedule_160k', 'default_runtime'],
+                '512x512-160k_ade20k'),
+    'fpn': ('mmseg', ['models/fpn_r50', 'datasets/ade20k', 'schedules/schedule_80k', 'default_runtime'],
+            '512x512-80k_ade20k'),
+}
+
+
+def method_base(method, files):
+    """mmdet's / mmseg's own bases for the method (package scope), and the zoo's custom import."""
+    task, bases, sched = MM_BASES[method]
+    lines = [HEADER, '_base_ = ['] + [f"    '{task}::_base_/{b}.py'," for b in bases] + [']', IMPORTS.rstrip()]
+    if task == 'mmseg':
+        heads = 'decode_head=dict(num_classes=150)' + (
+            ', auxiliary_head=dict(num_classes=150)' if method == 'upernet' else '')
+        lines += ['crop_size = (512, 512)',
+                  "# (pretrained=None: mmseg's EncoderDecoder would hand the ResNet base's URL to the backbone)",
+                  'model = dict(data_preprocessor=dict(size=crop_size), pretrained=None,',
+                  f'             {heads})']
+    rel = f'configs/{task}/_base_/{method}_{sched}.py'
+    files[rel] = '\n'.join(lines) + '\n'
+    return f'./_base_/{method}_{sched}.py'
+
+
+def header(task, method, recipe, files):
+    return [HEADER, f"_base_ = ['{optim_base(task, recipe, method, files)}']"]
+
+
+def det_config(method, name, short, recipe, i, files):
     chans, strides = backbone_info(name, recipe['backbone'])
     dp = recipe.get('drop_path', {}).get('det', (None, None))[i]
     extra = {'norm_eval': True} if recipe['det'].get('norm_eval') else {}
-    base = {'mask-rcnn': ('mask-rcnn_r50_fpn', 'coco_instance'), 'retinanet': ('retinanet_r50_fpn', 'coco_detection')}
-    model_base, data = base[method]
-    lines = [HEADER, '_base_ = [', f"    'mmdet::_base_/models/{model_base}.py',",
-             f"    'mmdet::_base_/datasets/{data}.py',", "    'mmdet::_base_/schedules/schedule_1x.py',",
-             "    'mmdet::_base_/default_runtime.py',", ']', IMPORTS.rstrip()]
+    lines = header('mmdet', method, recipe, files)
     standard = strides[-3:] == [8, 16, 32] and len(strides) == 4
     if method == 'retinanet':
         if standard:
@@ -135,47 +177,43 @@ def det_config(method, name, short, recipe, i):
     lines.append('model = dict(')
     lines.append(f"    backbone={backbone_block(name, recipe['backbone'], dp, extra)},")
     lines.append(f'    neck={neck}{head})')
-    ob = optim_block(recipe, 'det')
-    if ob:
-        lines.append(ob.rstrip())
     return '\n'.join(lines) + '\n'
 
 
-def seg_config(method, name, short, recipe, i):
+def seg_config(method, name, short, recipe, i, files):
     chans, strides = backbone_info(name, recipe['backbone'])
     dp = recipe.get('drop_path', {}).get('seg', (None, None))[i]
     n = len(chans)
-    model_base, sched = {'upernet': ('upernet_r50', 'schedule_160k'), 'fpn': ('fpn_r50', 'schedule_80k')}[method]
-    lines = [HEADER, '_base_ = [', f"    'mmseg::_base_/models/{model_base}.py',",
-             "    'mmseg::_base_/datasets/ade20k.py',", f"    'mmseg::_base_/schedules/{sched}.py',",
-             "    'mmseg::_base_/default_runtime.py',", ']', IMPORTS.rstrip(),
-             'crop_size = (512, 512)', 'model = dict(',
-             '    data_preprocessor=dict(size=crop_size),', '    pretrained=None,',
-             f"    backbone={backbone_block(name, recipe['backbone'], dp)},"]
+    lines = header('mmseg', method, recipe, files) + [
+        'model = dict(', f"    backbone={backbone_block(name, recipe['backbone'], dp)},"]
     if method == 'upernet':
-        lines += [f'    decode_head=dict(in_channels={chans}, in_index={list(range(n))}, num_classes=150),',
-                  f'    auxiliary_head=dict(in_channels={chans[-2]}, in_index={n - 2}, num_classes=150))']
+        lines += [f'    decode_head=dict(in_channels={chans}, in_index={list(range(n))}),',
+                  f'    auxiliary_head=dict(in_channels={chans[-2]}, in_index={n - 2}))']
     else:
         lines += [f'    neck=dict(in_channels={chans}, num_outs={n}),',
                   f'    decode_head=dict(in_channels={[256] * n}, in_index={list(range(n))}, '
-                  f'feature_strides={strides}, num_classes=150))']
-    seg = recipe['seg']
-    ob = optim_block(recipe, 'seg')
-    if ob:
-        iters = 160000 if method == 'upernet' else 80000
-        lines.append(ob.rstrip())
-        sched_lines = []
-        if seg.get('warmup'):
-            sched_lines.append(f"    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, "
-                               f"end={seg['warmup']}),")
-        sched_lines.append(f"    dict(type='PolyLR', eta_min=0.0, power={seg['poly_power']}, "
-                           f"begin={seg.get('warmup', 0)}, end={iters}, by_epoch=False),")
-        lines += ['param_scheduler = ['] + sched_lines + [']']
+                  f'feature_strides={strides}))']
     return '\n'.join(lines) + '\n'
 
 
 METHODS = [('mmdet', 'mask-rcnn', '1x_coco', det_config), ('mmdet', 'retinanet', '1x_coco', det_config),
            ('mmseg', 'upernet', '512x512-160k_ade20k', seg_config), ('mmseg', 'fpn', '512x512-80k_ade20k', seg_config)]
+
+
+def variant_config(task, method, first_rel, name, recipe, i):
+    """A further variant of a family: inherits the family's first config (mmdet's own style, as its
+    swin-s configs inherit swin-t) and changes the model, its drop path and the channels."""
+    chans, strides = backbone_info(name, recipe['backbone'])
+    key = 'det' if task == 'mmdet' else 'seg'
+    dp = recipe.get('drop_path', {}).get(key, (None, None))[i]
+    bb = f"model_name={name!r}" + (f', drop_path_rate={dp}' if dp is not None else '')
+    lines = [HEADER, f"_base_ = ['./{Path(first_rel).name}']", 'model = dict(', f'    backbone=dict({bb}),']
+    if task == 'mmdet' or method == 'fpn':
+        lines.append(f'    neck=dict(in_channels={chans}))')
+    else:
+        lines += [f'    decode_head=dict(in_channels={chans}),',
+                  f'    auxiliary_head=dict(in_channels={chans[-2]}))']
+    return '\n'.join(lines) + '\n'
 
 
 def generate():
@@ -185,7 +223,11 @@ def generate():
             for task, method, sched, fn in METHODS:
                 suffix = 'fpn_' if task == 'mmdet' else ''
                 rel = f'configs/{task}/{method}_{short}_{suffix}{sched}.py'
-                files[rel] = fn(method, name, short, recipe, i)
+                if i == 0:
+                    files[rel] = fn(method, name, short, recipe, i, files)
+                else:
+                    first = f"configs/{task}/{method}_{recipe['variants'][0][1]}_{suffix}{sched}.py"
+                    files[rel] = variant_config(task, method, first, name, recipe, i)
                 rows.append(f"| `{rel[len('configs/'):]}` | `{name}` | "
                             f"{PUBLISHED.get((short, method), '— (not reported)')} | {recipe['note']} |")
     readme = [
@@ -215,12 +257,17 @@ def main(argv=None):
     ap.add_argument('--check', action='store_true', help='fail if the committed configs are not up to date')
     args = ap.parse_args(argv)
     files = generate()
+    old = {os.path.relpath(p, ROOT) for d in ('mmdet', 'mmseg', 'mmdet/_base_', 'mmseg/_base_')
+           for p in (ROOT / 'configs' / d).glob('*.py')}
+    extra = sorted(old - set(files))
     stale = [rel for rel, text in files.items()
              if not (ROOT / rel).is_file() or (ROOT / rel).read_text(encoding='utf-8') != text]
     if args.check:
         for rel in stale:
             print(f'out of date: {rel} (run python tools/gen_configs.py)')
-        return 1 if stale else 0
+        for rel in extra:
+            print(f'not generated: {rel} (add it to the recipe table or remove it)')
+        return 1 if stale or extra else 0
     for rel in stale:
         os.makedirs((ROOT / rel).parent, exist_ok=True)
         (ROOT / rel).write_text(files[rel], encoding='utf-8')
