@@ -32,3 +32,13 @@ def pytest_runtest_makereport(item, call):
     if rep.skipped and _in_ci() and (item.get_closest_marker('mm') or MISSING_DEP in str(rep.longrepr)):
         rep.outcome = 'failed'
         rep.longrepr = f'CI must run this test, but it was skipped: {rep.longrepr}'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (pytest.importorskip at module level)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and _in_ci() and MISSING_DEP in str(rep.longrepr):
+        rep.outcome = 'failed'
+        rep.longrepr = f'CI must run these tests, but the module was skipped: {rep.longrepr}'

@@ -191,3 +191,24 @@ def test_readme_evaluation_command_parses():
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'validate.py'), '--help'],
                          capture_output=True, text=True)
     assert out.returncode == 0 and '--data-dir' in out.stdout
+
+
+def test_ci_fails_when_mm_or_dependency_tests_skip(tmp_path):
+    """conftest turns a skip for a missing dependency (a whole module at import, or one test) and any
+    skipped mm test into a failure when CI is set; locally they stay skips."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, 'conftest.py'), tmp_path / 'conftest.py')
+    (tmp_path / 'pytest.ini').write_text('[pytest]\nmarkers =\n    mm: mm\n')
+    (tmp_path / 'test_module_skip.py').write_text(
+        "import pytest\nfrom conftest import MISSING_DEP\n"
+        "pytest.importorskip('no_such_package_zz', reason=f'{MISSING_DEP}: no_such_package_zz')\n"
+        "def test_a():\n    pass\n")
+    (tmp_path / 'test_mm_skip.py').write_text(
+        "import pytest\n@pytest.mark.mm\ndef test_b():\n    pytest.skip('mmdet absent')\n")
+    for ci, want in (('true', 1), ('', 0)):
+        env = {**os.environ, 'CI': ci}
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(tmp_path)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert (r.returncode != 0) == bool(want), r.stdout[-2000:]
+        if ci:
+            assert 'CI must run' in r.stdout
