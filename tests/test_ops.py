@@ -91,12 +91,50 @@ def halo_cases() -> List[Case]:
             Case(**{**_halo_case(1, 1, 4, 5, 6, 2, 4, 1, True, 'mask').__dict__, 'gradcheck': True})]
 
 
-CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases, 'halo': halo_cases}
-OPS = {'window': ops.window_attention, 'halo': ops.halo_attention}
+# ---- neighborhood attention ------------------------------------------------------------------
+
+def _nbhd_case(B, h, D, H, W, kernel, dilation, border, rpb, extra, Dv=None):
+    Dv = Dv or D
+
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(H * 100 + W + kernel * 7 + dilation)
+
+        def t(*shape, s=1.0):
+            return (s * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_()
+        kw = dict(q=t(B, h, H, W, D), k=t(B, h, H, W, D), v=t(B, h, H, W, Dv), kernel_size=kernel,
+                  dilation=dilation, border=border)
+        if rpb:
+            kw['rpb'] = t(h, 2 * kernel - 1, 2 * kernel - 1, s=0.5)
+        if extra:
+            kw.update(extra_k=t(B, h, extra, D), extra_v=t(B, h, extra, Dv), extra_bias=t(1, h, H, W, extra, s=0.5))
+        return kw
+    tag = (f'B{B}h{h}d{D}-{H}x{W}-k{kernel}d{dilation}-{border}' + ('-rpb' if rpb else '')
+           + (f'-extra{extra}' if extra else ''))
+    return Case(tag, make, tiny=B * h * H * W <= 256)
+
+
+def neighborhood_cases() -> List[Case]:
+    cases = [_nbhd_case(2, 2, 8, 6, 7, 3, 1, border, True, 5) for border in ('mask', 'shift')]
+    cases += [_nbhd_case(1, 2, 8, 9, 8, 5, 1, 'shift', True, 0),
+              _nbhd_case(1, 1, 16, 7, 9, 7, 1, 'mask', False, 4, Dv=8),     # odd sizes, Dv != D
+              _nbhd_case(1, 2, 8, 11, 10, 3, 2, 'mask', True, 0),           # dilation
+              _nbhd_case(1, 2, 8, 11, 10, 3, 2, 'shift', True, 3),
+              _nbhd_case(1, 1, 8, 4, 3, 7, 1, 'mask', True, 2),             # map smaller than the window
+              _nbhd_case(1, 1, 8, 4, 3, 5, 1, 'shift', False, 0),
+              _nbhd_case(1, 2, 24, 14, 14, 3, 1, 'mask', True, 49)]         # TransNeXt-like: 3x3 + 7x7 pooled
+    cases[0].gradcheck = True
+    return cases
+
+
+CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases, 'halo': halo_cases,
+                                              'neighborhood': neighborhood_cases}
+OPS = {'window': ops.window_attention, 'halo': ops.halo_attention, 'neighborhood': ops.neighborhood_attention}
 # how each op describes a call to the dispatcher (for the "can this backend run here" check)
 CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], window_area=kw['q'].shape[-2]),
          'halo': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[2],
-                                              window_area=(kw['block'] + 2 * kw['halo']) ** 2)}
+                                              window_area=(kw['block'] + 2 * kw['halo']) ** 2),
+         'neighborhood': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1],
+                                                      window_area=kw['kernel_size'] ** 2)}
 
 
 def test_every_registered_op_has_cases():

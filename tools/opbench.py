@@ -136,4 +136,23 @@ def halo(args):
             print(f'  {k:28s} {t[k] * 1e3:9.2f} {peak_mb(f, dev):9.1f} {ratio:>14s}')
 
 
-OPS = {'window': window, 'halo': halo}
+def neighborhood(args):
+    from ops import neighborhood_attention
+    dev, dt = args.device, getattr(torch, args.dtype)
+    # TransNeXt-T stage 1: 3 heads of 24, 3x3 window + pooled keys (map / 8 per side), one image
+    for img in (224, 1024):
+        hw, pool = img // 4, (img // 32) ** 2
+        q, k, v = (torch.randn(1, 3, hw, hw, 24, device=dev, dtype=dt, requires_grad=args.backward)
+                   for _ in range(3))
+        ek, ev = (torch.randn(1, 3, pool, 24, device=dev, dtype=dt, requires_grad=args.backward) for _ in range(2))
+        eb = torch.randn(1, 3, hw, hw, pool, device=dev, dtype=dt)
+        rpb = torch.randn(3, 5, 5, device=dev, dtype=dt)
+        call = _dispatch.Call.of(q, head_dim=24, window_area=9)
+        fns = {be: _call(lambda be=be: neighborhood_attention(q, k, v, 3, rpb=rpb, extra_k=ek, extra_v=ev,
+                                                              extra_bias=eb, backend=be), args.backward, q, k, v, ek, ev)
+               for be in _runnable('neighborhood', call)}
+        _report(f'neighborhood attention, TransNeXt-T stage-1 shape at {img} input (1 x 3 heads x {hw}x{hw} x 24, '
+                f'3x3 window + {pool} pooled keys)', fns, args.reps, dev, args.backward)
+
+
+OPS = {'window': window, 'halo': halo, 'neighborhood': neighborhood}

@@ -1,0 +1,78 @@
+"""Neighborhood (sliding-window) attention on a 2-D map, with optional extra keys in the same softmax.
+
+    out = neighborhood_attention(q, k, v, kernel_size, dilation=1, rpb=None, extra_k=None, extra_v=None,
+                                 extra_bias=None, scale=None, border='mask', backend=None)
+
+q, k    (B, heads, H, W, D); v (B, heads, H, W, Dv): every query attends to the kernel x kernel
+        window of keys around it (kernel odd; keys ``dilation`` apart).
+rpb     optional (heads, 2k-1, 2k-1) relative-position bias, indexed by (key - query) in dilation
+        steps + k - 1 (NATTEN's layout; a centred (heads, k*k) table is its middle k x k).
+extra_k, extra_v  optional (B, heads, P, D) / (B, heads, P, Dv) keys shared by all queries
+        (TransNeXt's pooled tokens), normalised in the same softmax as the window.
+extra_bias  optional (B | 1, heads | 1, H, W, P) logit bias of the extra keys.
+scale   multiplies q . k for window and extra keys (default D ** -0.5); biases are added after.
+border  'mask': window centred, out-of-map keys excluded (TransNeXt); 'shift': window shifted
+        inward to stay k x k (NATTEN / NAT). Maps smaller than the window work under both.
+Returns (B, heads, H, W, Dv).
+"""
+import importlib
+from typing import Optional
+
+from .._dispatch import Backend, Call, register, select
+from . import reference as _reference
+from .geometry import BORDERS
+
+_torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
+import torch  # noqa: E402
+
+__all__ = ['neighborhood_attention']
+OP = 'neighborhood'
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+register(Backend(OP, 'torch', _torch.neighborhood_attention, dtypes=_FLOATS,
+                 doc='query-row tiles: gathered windows + extra keys, one softmax, batched matmuls'))
+register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLOATS,
+                 doc='gathered windows + explicit softmax (oracle)'))
+
+
+def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, border):
+    name = 'neighborhood_attention'
+    if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4]:
+        raise ValueError(f'{name}: q, k must be (B, heads, H, W, D) and v (B, heads, H, W, Dv); got '
+                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f'{name}: kernel_size must be odd and >= 1, got {kernel}')
+    if dilation < 1:
+        raise ValueError(f'{name}: dilation must be >= 1, got {dilation}')
+    if border not in BORDERS:
+        raise ValueError(f'{name}: border must be one of {BORDERS}, got {border!r}')
+    h = q.shape[1]
+    if rpb is not None and tuple(rpb.shape) != (h, 2 * kernel - 1, 2 * kernel - 1):
+        raise ValueError(f'{name}: rpb must be (heads, 2k-1, 2k-1) = {(h, 2 * kernel - 1, 2 * kernel - 1)}, '
+                         f'got {tuple(rpb.shape)}')
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError(f'{name}: give both extra_k and extra_v or neither')
+    if extra_k is not None:
+        B, _, H, W, D = q.shape
+        if (extra_k.dim() != 4 or extra_k.shape[:2] != (B, h) or extra_k.shape[-1] != D
+                or extra_v.shape[:3] != extra_k.shape[:3] or extra_v.shape[-1] != v.shape[-1]):
+            raise ValueError(f'{name}: extra_k / extra_v must be (B, heads, P, D) / (B, heads, P, Dv); got '
+                             f'{tuple(extra_k.shape)}, {tuple(extra_v.shape)}')
+        P = extra_k.shape[2]
+        if extra_bias is not None and (extra_bias.dim() != 5 or extra_bias.shape[2:] != (H, W, P)):
+            raise ValueError(f'{name}: extra_bias must be (B | 1, heads | 1, H, W, P) with P = {P}, '
+                             f'got {tuple(extra_bias.shape)}')
+    elif extra_bias is not None:
+        raise ValueError(f'{name}: extra_bias given without extra keys')
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1,
+                           rpb: Optional[torch.Tensor] = None, extra_k: Optional[torch.Tensor] = None,
+                           extra_v: Optional[torch.Tensor] = None, extra_bias: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None, border: str = 'mask',
+                           backend: Optional[str] = None) -> torch.Tensor:
+    _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border)
+    call = Call.of(q, k, v, rpb, extra_k, extra_v, extra_bias, head_dim=q.shape[-1],
+                   window_area=kernel_size * kernel_size)
+    return select(OP, call, backend).fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias,
+                                        scale, border)

@@ -1,0 +1,57 @@
+"""Neighborhood attention semantics that do not rest on the reference: the border policies' windows
+(TransNeXt's centred mask, NATTEN's inward shift, dilation sub-grids), the full-map limit, and the
+tiled fast path across tile boundaries."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops import neighborhood_attention
+from ops.neighborhood import geometry as G
+
+
+def test_axis_windows():
+    pos, valid, _ = G.axis_windows(7, 3, 1, 'shift')
+    assert pos[0].tolist() == [0, 1, 2] and pos[3].tolist() == [2, 3, 4] and pos[6].tolist() == [4, 5, 6]
+    assert bool(valid.all())
+    pos, valid, rel = G.axis_windows(7, 3, 1, 'mask')
+    assert valid[0].tolist() == [False, True, True] and pos[3].tolist() == [2, 3, 4]
+    assert rel[3].tolist() == [-1, 0, 1]
+    pos, valid, _ = G.axis_windows(7, 3, 2, 'shift')     # dilation 2: sub-grids {0,2,4,6} and {1,3,5}
+    assert pos[0].tolist() == [0, 2, 4] and pos[6].tolist() == [2, 4, 6] and pos[1].tolist() == [1, 3, 5]
+    pos, valid, _ = G.axis_windows(2, 5, 1, 'shift')     # map smaller than the window: all of it
+    assert pos[0, :2].tolist() == [0, 1] and valid[0].tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize('backend', ['reference', 'torch'])
+@pytest.mark.parametrize('border,kernel', [('mask', 11), ('shift', 5)])
+def test_window_covering_the_map_is_full_attention(backend, border, kernel):
+    B, h, H, W, D = 2, 2, 5, 5, 8
+    q, k, v = (torch.randn(B, h, H, W, D, dtype=torch.float64) for _ in range(3))
+    ek, ev = (torch.randn(B, h, 3, D, dtype=torch.float64) for _ in range(2))
+    out = neighborhood_attention(q, k, v, kernel, extra_k=ek, extra_v=ev, border=border, backend=backend)
+    kk = torch.cat([k.flatten(2, 3), ek], 2)
+    vv = torch.cat([v.flatten(2, 3), ev], 2)
+    want = F.scaled_dot_product_attention(q.flatten(2, 3), kk, vv).unflatten(2, (H, W))
+    torch.testing.assert_close(out, want)
+
+
+def test_torch_backend_across_tiles(monkeypatch):
+    import sys
+    nb_torch = sys.modules['ops.neighborhood.torch']     # (the package's `torch` name is torch itself)
+    q, k, v = (torch.randn(1, 2, 9, 7, 8, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64)
+    want = neighborhood_attention(q, k, v, 3, rpb=rpb, backend='reference')
+    monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10)     # 1 row of 7 per tile
+    torch.testing.assert_close(neighborhood_attention(q, k, v, 3, rpb=rpb, backend='torch'), want)
+
+
+def test_bad_arguments_are_named():
+    q = torch.randn(1, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match='odd'):
+        neighborhood_attention(q, q, q, 4)
+    with pytest.raises(ValueError, match='border'):
+        neighborhood_attention(q, q, q, 3, border='wrap')
+    with pytest.raises(ValueError, match='rpb'):
+        neighborhood_attention(q, q, q, 3, rpb=torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match='extra_k'):
+        neighborhood_attention(q, q, q, 3, extra_k=torch.zeros(1, 2, 3, 8))
