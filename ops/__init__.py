@@ -5,4 +5,5 @@ from .halo import halo_attention  # noqa: F401
 from .neighborhood import neighborhood_attention  # noqa: F401
 from .window import window_attention  # noqa: F401
 
-__all__ = ['window_attention', 'halo_attention', 'neighborhood_attention', 'BackendError', 'backends', 'select', 'forced_backend']
+__all__ = ['window_attention', 'halo_attention', 'neighborhood_attention',
+           'BackendError', 'backends', 'select', 'forced_backend']
