@@ -117,8 +117,13 @@ def halo(args):
         x = torch.randn(args.batch_size, 256, hw, hw, device=dev, dtype=dt, requires_grad=args.backward)
         q = torch.randn(args.batch_size, 8, 32, hw, hw, device=dev, dtype=dt)
         call = _dispatch.Call.of(q, head_dim=32, window_area=144)
-        fns = {f'zoo mixer [{be}]': _call(lambda be=be: zoo(x, backend=be), args.backward, x)
-               for be in _runnable('halo', call)}
+        # the zoo's models run channels_last on CPU (and timm's NCHW): both layouts are timed
+        xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(args.backward)
+        fns = {}
+        for be in _runnable('halo', call):
+            fns[f'zoo mixer [{be}]'] = _call(lambda be=be: zoo(x, backend=be), args.backward, x)
+            if dev == 'cpu':
+                fns[f'zoo mixer [{be}] NHWC'] = _call(lambda be=be: zoo(xc, backend=be), args.backward, xc)
         if hw % 8 == 0:
             ref = HaloAttn(256, 256, num_heads=8, block_size=8, halo_size=2).to(dev, dt)
             ref.load_state_dict(zoo.state_dict())
@@ -148,8 +153,10 @@ def neighborhood(args):
         eb = torch.randn(1, 3, hw, hw, pool, device=dev, dtype=dt)
         rpb = torch.randn(3, 5, 5, device=dev, dtype=dt)
         call = _dispatch.Call.of(q, head_dim=24, window_area=9)
-        fns = {be: _call(lambda be=be: neighborhood_attention(q, k, v, 3, rpb=rpb, extra_k=ek, extra_v=ev,
-                                                              extra_bias=eb, backend=be), args.backward, q, k, v, ek, ev)
+
+        def run(be):
+            return neighborhood_attention(q, k, v, 3, rpb=rpb, extra_k=ek, extra_v=ev, extra_bias=eb, backend=be)
+        fns = {be: _call(lambda be=be: run(be), args.backward, q, k, v, ek, ev)
                for be in _runnable('neighborhood', call)}
         _report(f'neighborhood attention, TransNeXt-T stage-1 shape at {img} input (1 x 3 heads x {hw}x{hw} x 24, '
                 f'3x3 window + {pool} pooled keys)', fns, args.reps, dev, args.backward)
