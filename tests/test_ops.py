@@ -198,3 +198,21 @@ def test_backend_matches_reference(op, backend, case, dtype, device):
         got = kw[name].grad
         assert got is not None and torch.isfinite(got).all(), f'grad of {name} missing or non-finite'
         close(got, ref_kw[name].grad, f'grad {name}')
+
+
+@pytest.mark.parametrize('op,backend,case,dtype,device', [p for p in _params() if 'reference' not in p.id])
+def test_inference_path_matches_reference(op, backend, case, dtype, device):
+    """Without autograd a backend may take another path (zero-copy views, fused pieces that have no
+    gradient): the same forward check, under no_grad."""
+    kw = case.make(dtype, device)
+    b = _skip_if_unrunnable(op, backend, kw)
+    atol, rtol = b.tolerance(dtype)
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    with torch.no_grad():
+        ref = OPS[op](**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                         for k, v in kw.items()}, backend='reference')
+        with _dispatch.poisoned_outputs():
+            out = OPS[op](**kw, backend=backend)
+    assert out.shape == ref.shape and out.dtype == dtype and torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= atol + rtol * ref.abs().max().item(), f'max abs err {err:.3g} ({backend}, {dtype})'

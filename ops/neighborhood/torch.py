@@ -1,6 +1,12 @@
 """Neighborhood attention fast path in plain PyTorch: query rows in tiles, so the gathered K/V
 windows and the logits (window + extra keys) exist for one tile at a time (memory bounded by the
-tile, not the map); window logits and outputs by batched matmuls instead of broadcast products."""
+tile, not the map); window logits and outputs by batched matmuls instead of broadcast products.
+
+Inference on CPU with extra keys: the extra-key attention runs in SDPA's fused kernel, which also
+returns its log-sum-exp, and is merged with the window part as two pieces of one softmax
+(out = (e^lse_e * o_e + sum_w e^s_w v_w) / (e^lse_e + sum_w e^s_w), shifted by the max). That kernel
+has no gradient for the log-sum-exp, so training takes the explicit path.
+"""
 import torch
 
 from . import geometry as G
@@ -22,6 +28,9 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     kf, vf = k.reshape(B, h, H * W, D), v.reshape(B, h, H * W, Dv)
     ekt = extra_k.transpose(-1, -2) if extra_k is not None else None
     rows = max(1, TILE_TOKENS // W)
+    fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
+             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                      for t in (q, k, v, rpb, extra_k, extra_v, extra_bias))))
     outs = []
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
@@ -29,6 +38,9 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         it = idx[r0:r1]
         s = (kf[:, :, it] @ qt.unsqueeze(-1)).squeeze(-1).to(ct) * scale   # (B, h, t, W, k*k)
         s = s + add[..., r0:r1, :, :]
+        if ekt is not None and fused:
+            outs.append(_merge_extra(qt, s, vf[:, :, it], extra_k, extra_v, extra_bias, r0, r1, scale))
+            continue
         if ekt is not None:
             se = (qt.flatten(2, 3) @ ekt).unflatten(2, (r1 - r0, W)).to(ct) * scale
             if extra_bias is not None:
@@ -40,3 +52,20 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
             o = o + (p[..., K2:].flatten(2, 3) @ extra_v).unflatten(2, (r1 - r0, W))
         outs.append(o)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+_LSE_SDPA = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+
+
+def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale):
+    """One query tile: window logits s (B, h, t, W, k*k) and gathered values vg, extra keys through
+    SDPA (output + log-sum-exp), merged as one softmax."""
+    B, h, t, W, D = qt.shape
+    mask = None if extra_bias is None else extra_bias[..., r0:r1, :, :].flatten(2, 3).to(qt.dtype)
+    o_e, lse = _LSE_SDPA(qt.flatten(2, 3), extra_k, extra_v, 0.0, False, attn_mask=mask, scale=scale)
+    lse = lse.view(B, h, t, W, 1)
+    m = torch.maximum(s.amax(-1, keepdim=True), lse)                       # finite: lse is
+    a = torch.exp(s - m)
+    a_e = torch.exp(lse - m)
+    o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).float() + a_e * o_e.view(B, h, t, W, -1).float()
+    return (o / (a.sum(-1, keepdim=True) + a_e)).to(qt.dtype)
