@@ -60,13 +60,17 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
         valid = G.key_valid(H, W, block, halo, Hp, Wp, q.device).view(nbh, nbw, win, win).transpose(-1, -2)
         neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float('-inf'))
         neg = neg.reshape(nbh, nbw, 1, 1, nk)
+    # every block's queries (blocks are contiguous runs, bands follow each other): (nbh * nbw, BH, nq, D)
+    Qs = qb.as_strided((nbh * nbw, BH, nq, D), (nq * BH * D, D, BH * D, 1))
+    # relative logits for all blocks at once; column-major order on both sides, so the width table
+    # plays the row role and vice versa
+    rel = G.rel_logits(Qs, rel_w, rel_h, bq, win).view(nbh, nbw, BH, nq, nk) if rel_h is not None else None
     out = q.new_empty(B, nbh * bq, nbw * bq, h, Dv)                # NHWC (heads, channels) output
     for i in range(nbh):
-        Q = qb[i].as_strided((nbw, BH, nq, D), (nq * BH * D, D, BH * D, 1))
+        Q = Qs[i * nbw:(i + 1) * nbw]
         K = kb[i].as_strided((nbw, BH, nk, D), (block * win * BH * D, D, BH * D, 1))
         V = vb[i].as_strided((nbw, BH, nk, Dv), (block * win * BH * Dv, Dv, BH * Dv, 1))
-        # column-major order on both sides: the width table plays the row role and vice versa
-        mask = G.rel_logits(Q, rel_w, rel_h, bq, win) if rel_h is not None else None
+        mask = rel[i] if rel is not None else None
         if border == 'mask':
             mask = neg[i] if mask is None else mask + neg[i]
         o = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale)   # (nbw, BH, nq, Dv)
