@@ -11,10 +11,16 @@ def param_count(model: nn.Module) -> int:
 def gmacs(model: nn.Module, size, by_op: bool = False):
     """GMACs of one forward of a (1, 3, *size) input on the model's device (the meta device works);
     with ``by_op`` also a {aten op name: GMACs} breakdown."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
     p = next(model.parameters())
     x = torch.empty((1, 3) + tuple(size), device=p.device, dtype=p.dtype)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    # torch's counter has no formula for the CPU flash-attention kernel that SDPA runs on CPU (it
+    # would count 0): give it the generic SDPA one
+    extra = {}
+    cpu_flash = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    if cpu_flash is not None:
+        extra[cpu_flash] = sdpa_flop
+    with FlopCounterMode(display=False, custom_mapping=extra) as fc, torch.no_grad():
         model.eval()(x)
     total = fc.get_total_flops() / 2e9
     if not by_op:

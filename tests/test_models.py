@@ -13,10 +13,18 @@ import torch
 
 import backbones
 from backbones import MODELS
-from helpers import gmacs, param_count, randomize_, rel_err
+from helpers import gmacs, official_layout, param_count, randomize_, rel_err
 
 TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
-RUN = [n for n, m in TIMM.items() if not m.build_only]
+# families whose reference is the official repository: their model API, training and any-size tests
+# run here; the logits check needs the official code (tests/fixtures, when available)
+OFFICIAL = {n: m for n, m in MODELS.items() if m.reference.startswith('official:')}
+RUN = [n for n, m in MODELS.items() if not m.build_only]
+# parameter counts measured with the official code (../shared/OFFICIAL-FACTS.md), 1000 classes
+OFFICIAL_PARAMS = {'mz_transnext_micro': 12_809_304, 'mz_transnext_tiny': 28_258_960,
+                   'mz_transnext_small': 49_741_564, 'mz_transnext_base': 89_721_496}
+OFFICIAL_KEYS = {'mz_transnext_micro': 617, 'mz_transnext_tiny': 617, 'mz_transnext_small': 1054,
+                 'mz_transnext_base': 1083}
 # second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
 # grid, 32 * window); PoolFormer takes any size, so a non-square odd one
 SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257),
@@ -36,6 +44,10 @@ def _marks(name):
 
 def _run_params():
     return [pytest.param(n, marks=_marks(n), id=n) for n in RUN]
+
+
+def _timm_run_params():
+    return [pytest.param(n, marks=_marks(n), id=n) for n in RUN if n in TIMM]
 
 
 def _timm_name(name):
@@ -63,8 +75,8 @@ def test_registry_lists_every_registered_model():
         assert not name.startswith('mz_') or name[3:] not in MODELS, name
 
 
-@pytest.mark.parametrize('name', _run_params())
-def test_logits_match_reference(name, ckpt_dir):
+@pytest.mark.parametrize('name', _timm_run_params())
+def test_logits_match_reference(name, ckpt_dir):  # (timm references; official ones: fixtures)
     ref, zoo = _reference_and_zoo(name, ckpt_dir)
     s = MODELS[name].img_size
     sizes = [(s, s), SECOND_SIZE[MODELS[name].family](s)]
@@ -75,6 +87,19 @@ def test_logits_match_reference(name, ckpt_dir):
         assert a.shape == b.shape == (x.shape[0], 1000)
         err = rel_err(a, b)
         assert err <= 1e-4, f'{name} at {hw}: max |zoo - timm| = {err:.2e} of the logits scale'
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, id=n) for n in OFFICIAL])
+def test_official_params_keys_and_gmacs(name):
+    """Same parameter count and state-dict size as the official model (measured with its code), and
+    GMACs within 2% of the published figure."""
+    info = MODELS[name]
+    with torch.device('meta'):
+        zoo = timm.create_model(name)
+    assert param_count(zoo) == OFFICIAL_PARAMS[name]
+    assert len(zoo.state_dict()) == OFFICIAL_KEYS[name]
+    g = gmacs(zoo, (info.img_size, info.img_size))
+    assert abs(g - info.gmacs) / info.gmacs <= 0.02, f'{name}: {g:.3f} GMACs vs published {info.gmacs}'
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, id=n) for n in TIMM])
@@ -280,3 +305,56 @@ def test_davit_official_release_layout_loads(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(zoo(x), ref(x)) < 1e-5
+
+
+# ---- TransNeXt: official layout and any input size -------------------------------------------
+
+# the official release's first keys and shapes (../shared/OFFICIAL-FACTS.md, micro)
+TRANSNEXT_FIRST_KEYS = {
+    'patch_embed1.proj.weight': (48, 3, 7, 7), 'patch_embed1.norm.weight': (48,),
+    'block1.0.norm1.weight': (48,), 'block1.0.attn.temperature': (2, 1, 1),
+    'block1.0.attn.query_embedding': (2, 1, 24), 'block1.0.attn.relative_pos_bias_local': (2, 9),
+    'block1.0.attn.learnable_tokens': (2, 24, 9), 'block1.0.attn.learnable_bias': (2, 1, 9),
+    'block1.0.attn.q.weight': (48, 48), 'block1.0.attn.kv.weight': (96, 48), 'block1.0.attn.sr.weight': (48, 48, 1, 1),
+    'block1.0.attn.cpb_fc1.weight': (512, 2), 'block1.0.attn.cpb_fc2.weight': (2, 512),
+    'block1.0.mlp.dwconv.dwconv.weight': (256, 1, 3, 3), 'norm1.weight': (48,),
+    'block4.0.attn.qkv.weight': (1152, 384), 'block4.0.attn.temperature': (16, 1, 1), 'head.weight': (1000, 384)}
+
+
+def test_transnext_official_layout_loads(tmp_path):
+    zoo = randomize_(timm.create_model('mz_transnext_micro')).eval()
+    official = official_layout('transnext', zoo.state_dict())
+    for k, shape in TRANSNEXT_FIRST_KEYS.items():
+        assert tuple(official[k].shape) == shape, k
+    path = tmp_path / 'transnext_micro_224_1k.pth'
+    torch.save(official, path)                       # the HF release is a plain state dict
+    loaded = timm.create_model('mz_transnext_micro', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), zoo(x))
+    bad = dict(official)
+    bad.pop('block1.0.attn.learnable_tokens')
+    torch.save(bad, path)
+    with pytest.raises(ValueError, match='missing key'):
+        timm.create_model('mz_transnext_micro', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize('size', [(224, 224), (256, 320), (97, 131),
+                                  pytest.param((1024, 1024), marks=pytest.mark.slow)])
+def test_transnext_any_size(size, monkeypatch):
+    """The official model runs only at the square size it was built for; here every size runs, forward
+    and backward, and the fast and reference neighborhood backends agree."""
+    zoo = randomize_(timm.create_model('mz_transnext_micro')).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        a = zoo(x)
+    assert a.shape == (1, 1000) and torch.isfinite(a).all()
+    if size[0] <= 320:
+        monkeypatch.setenv('MIXZOO_BACKEND', 'neighborhood:reference')
+        with torch.no_grad():
+            b = zoo(x)
+        monkeypatch.delenv('MIXZOO_BACKEND')
+        assert rel_err(a, b) < 1e-5
+        zoo.train()
+        zoo(x).square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in zoo.parameters())

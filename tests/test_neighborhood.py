@@ -55,3 +55,20 @@ def test_bad_arguments_are_named():
         neighborhood_attention(q, q, q, 3, rpb=torch.zeros(2, 3, 3))
     with pytest.raises(ValueError, match='extra_k'):
         neighborhood_attention(q, q, q, 3, extra_k=torch.zeros(1, 2, 3, 8))
+
+
+@pytest.mark.parametrize('border,dilation', [('mask', 1), ('mask', 2), ('shift', 1), ('shift', 2)])
+def test_aggregate_is_the_value_sum_of_the_windows(border, dilation):
+    from ops import neighborhood_aggregate
+    B, h, H, W, k = 1, 2, 7, 6, 3
+    w = torch.randn(B, h, H, W, k * k, dtype=torch.float64)
+    v = torch.randn(B, h, H, W, 5, dtype=torch.float64)
+    idx, valid, _, _ = G.windows(H, W, k, dilation, border, 'cpu')
+    want = torch.zeros(B, h, H, W, 5, dtype=torch.float64)
+    vf = v.reshape(B, h, H * W, 5)
+    for y in range(H):
+        for x in range(W):
+            for j in range(k * k):
+                if valid[y, x, j]:
+                    want[:, :, y, x] += w[:, :, y, x, j, None] * vf[:, :, idx[y, x, j]]
+    torch.testing.assert_close(neighborhood_aggregate(w, v, k, dilation, border), want)

@@ -11,7 +11,7 @@ import torch
 
 import backbones
 from backbones import MODELS, _pretrained
-from helpers import randomize_, rel_err
+from helpers import official_layout, randomize_, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
@@ -119,10 +119,17 @@ def test_validate_clear_errors(imagefolder, fitted_checkpoint, tmp_path, capsys)
 
 
 def _reference_layouts(name, tmp_path):
-    """(timm-layout file, logits function of the reference model) for a zoo model."""
-    ref = randomize_(timm.create_model(MODELS[name].reference.split(':', 1)[1])).eval()
+    """(release-layout file, logits function of the reference model) for a zoo model: timm's model and
+    layout, or for official-reference families the zoo model's random weights in the official layout."""
+    kind, ref_name = MODELS[name].reference.split(':', 1)
+    if kind == 'timm':
+        ref = randomize_(timm.create_model(ref_name)).eval()
+        sd = ref.state_dict()
+    else:
+        ref = randomize_(timm.create_model(name)).eval()
+        sd = official_layout(MODELS[name].family, ref.state_dict())
     path = tmp_path / f'{name}_ref.pth'
-    torch.save({'state_dict': ref.state_dict()}, path)
+    torch.save({'state_dict': sd}, path)
     return path, ref
 
 

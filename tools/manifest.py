@@ -24,6 +24,14 @@ OFFICIAL = {
 }
 
 
+# families whose reference is the official repository: their release files (no timm pretrained cfg)
+OFFICIAL_RELEASES = {
+    'transnext': lambda v: dict(tag='in1k', file=f'transnext_{v}_224_1k.pth', sources=[{
+        'url': f'https://huggingface.co/DaiShiResearch/transnext-{v}-224-1k/resolve/main/transnext_{v}_224_1k.pth',
+        'layout': 'official', 'format': 'torch'}], resolution=224),
+}
+
+
 def build(old):
     out = {'schema': 1, 'cache_env': 'MIXZOO_WEIGHTS', 'models': {}}
     for name, info in MODELS.items():
@@ -47,6 +55,10 @@ def build(old):
                 'sha256': known.get(tag, {}).get('sha256'), 'num_classes': cfg.get('num_classes', 1000),
                 'resolution': res, 'crop_pct': cfg.get('crop_pct'),
                 'top1': info.top1 if tag.endswith('in1k') and 'in21k' not in tag and res == info.img_size else None})
+        if kind == 'official' and info.family in OFFICIAL_RELEASES:
+            rel = OFFICIAL_RELEASES[info.family](name.split('_', 2)[2])
+            entries.append({**rel, 'sha256': known.get(rel['tag'], {}).get('sha256'), 'num_classes': 1000,
+                            'crop_pct': get_pretrained_cfg(name).crop_pct, 'top1': info.top1})
         out['models'][name] = {'family': info.family, 'reference': info.reference, 'checkpoints': entries}
         if not entries:
             out['models'][name]['note'] = 'no released weights (build-only / untrained in the reference)'

@@ -25,7 +25,7 @@ from .geometry import BORDERS
 _torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
 import torch  # noqa: E402
 
-__all__ = ['neighborhood_attention']
+__all__ = ['neighborhood_attention', 'neighborhood_aggregate']
 OP = 'neighborhood'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -40,6 +40,12 @@ def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, bord
     if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4]:
         raise ValueError(f'{name}: q, k must be (B, heads, H, W, D) and v (B, heads, H, W, Dv); got '
                          f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    named = (('q', q), ('k', k), ('v', v), ('rpb', rpb), ('extra_k', extra_k), ('extra_v', extra_v),
+             ('extra_bias', extra_bias))
+    dts = {n: t.dtype for n, t in named if t is not None}
+    if len(set(dts.values())) > 1:
+        raise TypeError(f'{name}: all tensors must have one dtype, got ' + ', '.join(
+            f'{n} {str(d).replace("torch.", "")}' for n, d in dts.items()))
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f'{name}: kernel_size must be odd and >= 1, got {kernel}')
     if dilation < 1:
@@ -76,3 +82,30 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                    window_area=kernel_size * kernel_size)
     return select(OP, call, backend).fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias,
                                         scale, border)
+
+
+def neighborhood_aggregate(weights: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1,
+                           border: str = 'mask') -> torch.Tensor:
+    """sum_j weights[..., j] * v[window slot j] for every query: the value aggregation of
+    neighborhood attention with given per-slot weights (B, heads, H, W, k*k) (e.g. TransNeXt's
+    query-dependent learnable tokens). Out-of-map slots contribute nothing. Returns (B, heads, H, W, Dv)."""
+    if border not in BORDERS:
+        raise ValueError(f'neighborhood_aggregate: border must be one of {BORDERS}, got {border!r}')
+    B, h, H, W, _ = v.shape
+    if weights.shape != (B, h, H, W, kernel_size * kernel_size):
+        raise ValueError(f'neighborhood_aggregate: weights must be (B, heads, H, W, k*k) = '
+                         f'{(B, h, H, W, kernel_size * kernel_size)}, got {tuple(weights.shape)}')
+    from . import geometry as G
+    if border == 'mask':   # centred windows: zero-padded shifted views, no gathered copy of v
+        r = (kernel_size // 2) * dilation
+        vp = torch.nn.functional.pad(v, (0, 0, r, r, r, r))
+        out = None
+        for a in range(kernel_size):
+            for b in range(kernel_size):
+                term = weights[..., a * kernel_size + b, None] * vp[:, :, a * dilation:a * dilation + H,
+                                                                    b * dilation:b * dilation + W]
+                out = term if out is None else out + term
+        return out
+    idx, valid, _, _ = G.windows(H, W, kernel_size, dilation, border, v.device)
+    vg = v.reshape(B, h, H * W, -1)[:, :, idx]                          # (B, h, H, W, k*k, Dv)
+    return ((weights * valid).unsqueeze(-2) @ vg).squeeze(-2)

@@ -18,8 +18,8 @@ BORDERS = ('mask', 'shift')
 def axis_windows(n: int, kernel: int, dilation: int, border: str) -> Tuple[torch.Tensor, ...]:
     """(pos (n, k) clamped into [0, n), valid (n, k) bool, rel (n, k) offset in dilation steps)."""
     r = kernel // 2
-    i = torch.arange(n)
-    j = torch.arange(kernel)
+    i = torch.arange(n, device='cpu')      # (CPU even under a device context: these are index tables)
+    j = torch.arange(kernel, device='cpu')
     if border == 'mask':
         pos = i[:, None] + dilation * (j[None] - r)
         valid = (pos >= 0) & (pos < n)
@@ -34,8 +34,7 @@ def axis_windows(n: int, kernel: int, dilation: int, border: str) -> Tuple[torch
     return pos.clamp(0, n - 1), valid, rel
 
 
-@lru_cache(maxsize=64)
-def _windows_cpu(H: int, W: int, kernel: int, dilation: int, border: str):
+def _windows(H: int, W: int, kernel: int, dilation: int, border: str) -> Tuple[torch.Tensor, ...]:
     pr, vr, rr = axis_windows(H, kernel, dilation, border)
     pc, vc, rc = axis_windows(W, kernel, dilation, border)
     K2 = kernel * kernel
@@ -46,10 +45,21 @@ def _windows_cpu(H: int, W: int, kernel: int, dilation: int, border: str):
     return idx, valid, rel_r, rel_c
 
 
+@lru_cache(maxsize=64)
+def _windows_np(H: int, W: int, kernel: int, dilation: int, border: str):
+    # eager calls are cached as numpy arrays: a torch tensor cached while tracing (export, compile)
+    # would be a fake one; traced calls rebuild the tables (static shapes: constant-folded)
+    return tuple(t.numpy() for t in _windows(H, W, kernel, dilation, border))
+
+
 def windows(H: int, W: int, kernel: int, dilation: int, border: str, device) -> Tuple[torch.Tensor, ...]:
     """For every query of an H x W map: (idx (H, W, k*k) flat key positions, valid (H, W, k*k),
     rel_r, rel_c (H, W, k*k) indices into a (2k-1, 2k-1) relative-position table)."""
-    return tuple(t.to(device) for t in _windows_cpu(H, W, kernel, dilation, border))
+    if torch.compiler.is_compiling():
+        tables = _windows(H, W, kernel, dilation, border)
+    else:
+        tables = tuple(torch.from_numpy(a) for a in _windows_np(H, W, kernel, dilation, border))
+    return tuple(t.to(device) for t in tables)
 
 
 def rel_bias(rpb: torch.Tensor, rel_r: torch.Tensor, rel_c: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""TransNeXt's token mixers (Shi, "TransNeXt", CVPR 2024), on NHWC maps, for any map size.
+
+``AggregatedAttention`` (stages 1-3): every query attends, in one softmax, to its 3x3 neighbourhood
+(``ops.neighborhood``, border 'mask': out-of-map keys excluded) and to the map average-pooled to
+(H // sr, W // sr) tokens; plus a query-dependent "learnable tokens" term on the local values.
+``GlobalAttention`` (stage 4): full attention with the same query treatment.
+
+Resolution-dependent terms are computed for the actual H, W (the official model fixes them at
+construction for one square size; at that size these equal it):
+- length scale of a query = log(#in-map local keys + #pooled keys) (log(N) in stage 4);
+- pooled grid = (max(1, H // sr), max(1, W // sr)), token positions = bin centres of
+  adaptive_avg_pool1d(arange(n)) along each axis;
+- continuous position bias: an MLP (2 -> 512 -> heads) on sign(d) * log2(1 + |d|) / 3 with
+  d = (query - key position) / (pretrain stage size - 1) * 8 per axis; the pretrain stage size
+  (e.g. 56 at stage 1 for 224 pre-training) stays fixed, so the bias extrapolates to other sizes.
+Queries are l2-normalised, shifted by a learned query embedding and scaled by softplus(temperature)
+x the length scale; keys are l2-normalised (q . k are then cosine similarities).
+"""
+import math
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from ops import neighborhood_aggregate, neighborhood_attention
+
+
+def _inv_softplus(x: float) -> float:
+    return math.log(math.expm1(x))     # (plain floats: models are also built on the meta device)
+
+
+@lru_cache(maxsize=64)
+def _axis_pairs(n: int, p: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Along one axis of n positions pooled to p tokens: 2 x (query - pooled token centre) for every
+    (query, token) pair, as sorted distinct values and each pair's index into them (row-major n x p).
+    Token centres are those of adaptive_avg_pool1d(arange(n), p). Plain Python on sizes: the same under
+    eager, torch.compile and export (nothing data-dependent, no tensor cached)."""
+    bins = [((i * n) // p, -((-(i + 1) * n) // p)) for i in range(p)]
+    twice = [2 * q - (s + e - 1) for q in range(n) for s, e in bins]
+    distinct = sorted(set(twice))
+    pos = {m: i for i, m in enumerate(distinct)}
+    return tuple(distinct), tuple(pos[m] for m in twice)
+
+
+def _cpb_inputs(H: int, W: int, ph: int, pw: int, pre_h: int, pre_w: int, device):
+    """The position-bias MLP's inputs, factored by axis: a (query, pooled key) pair's relative coordinate
+    is (dh[qh, kh], dw[qw, kw]), so the distinct pairs are the grid of the distinct dh and dw values (the
+    official code takes torch.unique of all pairs: the same rows in another order, computed with the same
+    float32 ops). -> (coordinates (Uh * Uw, 2), index_h (H, ph), index_w (W, pw), Uw)."""
+    def axis(n, p, pre):
+        twice, index = _axis_pairs(n, p)
+        d = torch.tensor(twice, dtype=torch.float32, device=device) / 2 / (pre - 1) * 8
+        return d, torch.tensor(index, device=device).view(n, p)
+    dh, ih = axis(H, ph, pre_h)
+    dw, iw = axis(W, pw, pre_w)
+    grid = torch.stack(torch.meshgrid(dh, dw, indexing='ij'), -1).reshape(-1, 2)
+    return grid, ih, iw, len(dw)
+
+
+def _local_counts(H: int, W: int, window: int, device) -> torch.Tensor:
+    """Number of in-map keys of each query's centred window, (H, W), float32."""
+    r = window // 2
+
+    def axis(n):
+        i = torch.arange(n, device=device)
+        return (i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1
+    return (axis(H)[:, None] * axis(W)[None, :]).float()
+
+
+def _log_spaced(d: torch.Tensor) -> torch.Tensor:
+    return torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
+
+
+class _CosineQueryMixin(nn.Module):
+    """The query/key treatment both mixers share, and the continuous position bias MLP."""
+
+    def _init_common(self, dim: int, num_heads: int, pretrain_hw: Tuple[int, int]):
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.pretrain_hw = pretrain_hw
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), _inv_softplus(1 / 0.24)))
+        self.query_embedding = nn.Parameter(trunc_normal_(torch.empty(num_heads, 1, self.head_dim), std=0.02))
+        self.cpb_fc1 = nn.Linear(2, 512)
+        self.cpb_act = nn.ReLU(inplace=True)
+        self.cpb_fc2 = nn.Linear(512, num_heads)
+
+    def _scaled_query(self, qn: torch.Tensor, length_scale: torch.Tensor) -> torch.Tensor:
+        """(l2norm(q) + query_embedding) * softplus(temperature) * length scale; qn (B, h, H, W, D)."""
+        h, D = self.num_heads, self.head_dim
+        t = F.softplus(self.temperature).view(1, h, 1, 1, 1)
+        return (qn + self.query_embedding.view(1, h, 1, 1, D)) * t * length_scale.to(qn.dtype)[..., None]
+
+    def _position_bias(self, H: int, W: int, ph: int, pw: int, x: torch.Tensor) -> torch.Tensor:
+        """(heads, H, W, ph * pw) continuous position bias of every query for every pooled key."""
+        table, ih, iw, uw = _cpb_inputs(H, W, ph, pw, *self.pretrain_hw, x.device)
+        coords = _log_spaced(table).to(x.dtype)      # (log spacing in float32, as the official buffer)
+        bias = self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords)))                              # (Uh * Uw, heads)
+        bias = bias.t().reshape(self.num_heads, -1, uw)
+        return bias[:, ih[:, None, :, None], iw[None, :, None, :]].reshape(self.num_heads, H, W, ph * pw)
+
+
+class AggregatedAttention(_CosineQueryMixin):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, window_size: int = 3, qkv_bias: bool = True,
+                 pretrain_hw: Tuple[int, int] = (56, 56), attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        self._init_common(dim, num_heads, pretrain_hw)
+        self.sr_ratio, self.window_size = sr_ratio, window_size
+        n = window_size * window_size
+        self.relative_pos_bias_local = nn.Parameter(trunc_normal_(torch.empty(num_heads, n), std=0.0004))
+        self.learnable_tokens = nn.Parameter(trunc_normal_(torch.empty(num_heads, self.head_dim, n), std=0.02))
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, n))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr = nn.Conv2d(dim, dim, 1)
+        self.norm = nn.LayerNorm(dim)          # eps 1e-5, as the official pooled-token norm
+        self.act = nn.GELU()
+        if attn_drop > 0:
+            raise ValueError('attention dropout is not supported (TransNeXt trains without it)')
+
+    def _local_bias_table(self) -> torch.Tensor:
+        """The (heads, k*k) window bias as the centre of the op's (heads, 2k-1, 2k-1) offset table."""
+        k, h = self.window_size, self.num_heads
+        r = k // 2
+        return F.pad(self.relative_pos_bias_local.view(h, k, k), (r, r, r, r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h, D, k = self.num_heads, self.head_dim, self.window_size
+        qn = F.normalize(self.q(x).view(B, H, W, h, D), dim=-1).permute(0, 3, 1, 2, 4)      # (B, h, H, W, D)
+        kv = self.kv(x).view(B, H, W, 2, h, D)
+        k_loc = F.normalize(kv[:, :, :, 0], dim=-1).permute(0, 3, 1, 2, 4)
+        v_loc = kv[:, :, :, 1].permute(0, 3, 1, 2, 4)
+        ph, pw = max(1, H // self.sr_ratio), max(1, W // self.sr_ratio)
+        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), (ph, pw))
+        pooled = self.norm(pooled.flatten(2).transpose(1, 2))                                  # (B, P, C)
+        kvp = self.kv(pooled).view(B, ph * pw, 2, h, D)
+        k_pool = F.normalize(kvp[:, :, 0], dim=-1).transpose(1, 2)                              # (B, h, P, D)
+        v_pool = kvp[:, :, 1].transpose(1, 2)
+        scale = torch.log(_local_counts(H, W, k, x.device) + ph * pw)                           # (H, W)
+        dt = v_loc.dtype     # (under autocast the normalised / scaled terms come out in float32)
+        o = neighborhood_attention(
+            self._scaled_query(qn, scale).to(dt), k_loc.to(dt), v_loc, k, rpb=self._local_bias_table().to(dt),
+            extra_k=k_pool.to(dt), extra_v=v_pool.to(dt),
+            extra_bias=self._position_bias(H, W, ph, pw, x)[None].to(dt), scale=1.0, border='mask')
+        # query-dependent weights on the local values (from the un-scaled normalised query)
+        tokens = qn @ self.learnable_tokens[:, None] + self.learnable_bias[:, None]             # (B, h, H, W, k*k)
+        o = o + neighborhood_aggregate(tokens.to(dt), v_loc, k, border='mask')
+        return self.proj_drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
+
+
+class GlobalAttention(_CosineQueryMixin):
+    """Stage 4: full attention over the map with the continuous position bias (SDPA)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, pretrain_hw: Tuple[int, int] = (7, 7),
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        self._init_common(dim, num_heads, pretrain_hw)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if attn_drop > 0:
+            raise ValueError('attention dropout is not supported (TransNeXt trains without it)')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h, D, N = self.num_heads, self.head_dim, H * W
+        qkv = self.qkv(x).view(B, N, 3, h, D).permute(2, 0, 3, 1, 4)                            # (3, B, h, N, D)
+        qn = F.normalize(qkv[0], dim=-1).view(B, h, H, W, D)
+        scale = torch.full((H, W), math.log(N), device=x.device)      # (float64 log, as the official buffer)
+        dt = qkv.dtype
+        q = self._scaled_query(qn, scale).view(B, h, N, D).to(dt)
+        bias = self._position_bias(H, W, H, W, x).view(1, h, N, N)
+        o = F.scaled_dot_product_attention(q, F.normalize(qkv[1], dim=-1).to(dt), qkv[2], attn_mask=bias.to(dt),
+                                           scale=1.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, H, W, C)))

@@ -1,0 +1,215 @@
+"""TransNeXt (Shi, "TransNeXt: Robust Foveal Visual Perception for Vision Transformers", CVPR 2024).
+
+Hyper-parameters and the official release layout are those of DaiShiResearch/TransNeXt
+(../shared/OFFICIAL-FACTS.md): overlapping patch embeds (7x7/4, then 3x3/2, each + LayerNorm eps
+1e-5), pre-norm blocks (LayerNorm eps 1e-6) of aggregated attention (stages 1-3) or global attention
+(stage 4) and a convolutional GLU MLP, a LayerNorm closing each stage, mean-pooled linear head.
+The mixers (``backbones/mixers/aggregated.py``) compute every resolution-dependent term for the actual
+map, so any input size runs (the official model is tied to the one square size it was built for).
+Inside a stage the maps are NHWC; stage outputs are NCHW views of them.
+``checkpoint_filter_fn`` reads the official layout (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``,
+``head``) and the zoo's.
+
+Not yet checked against the official code (no copy of it in this workplace): parameter counts equal
+the official models' (tests), logits are unverified.
+"""
+import re
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+
+from . import _registry
+from ._builder import base_cfg, create_model
+from ._features import Stage, StagedModelMixin
+from ._weights import match_state_dict, unwrap_state_dict
+from .layers import drop_path_rates
+from .mixers.aggregated import AggregatedAttention, GlobalAttention
+
+__all__ = ['TransNeXt']
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv on an NHWC map (official key: ``dwconv.dwconv``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class ConvGLU(nn.Module):
+    """fc1 -> (x, gate) halves; fc2(GELU(dwconv(x)) * gate); hidden = int(2 * dim * ratio / 3)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.):
+        super().__init__()
+        hidden = int(2 * int(dim * mlp_ratio) / 3)
+        self.fc1 = nn.Linear(dim, hidden * 2)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.drop(self.fc2(self.drop(self.act(self.dwconv(x)) * gate)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, pretrain_hw: Tuple[int, int],
+                 qkv_bias: bool = True, drop: float = 0., drop_path: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if sr_ratio > 1:
+            self.attn = AggregatedAttention(dim, num_heads, sr_ratio, 3, qkv_bias, pretrain_hw, proj_drop=drop)
+        else:
+            self.attn = GlobalAttention(dim, num_heads, qkv_bias, pretrain_hw, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvGLU(dim, mlp_ratio, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping conv (padding k // 2, so any size gives ceil(H / stride)) + LayerNorm; NCHW -> NHWC."""
+
+    def __init__(self, in_chs: int, dim: int, kernel: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chs, dim, kernel, stride, kernel // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class TransNeXtStage(Stage):
+    """Patch embed -> blocks (NHWC) -> LayerNorm, returned as an NCHW view."""
+
+    def __init__(self, blocks, downsample: PatchEmbed, dim: int):
+        super().__init__(blocks, downsample)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x)).permute(0, 3, 1, 2)
+
+
+class TransNeXt(StagedModelMixin, nn.Module):
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (2, 2, 15, 2),
+            embed_dims: Tuple[int, ...] = (48, 96, 192, 384),
+            num_heads: Tuple[int, ...] = (2, 4, 8, 16),
+            mlp_ratios: Tuple[float, ...] = (8, 8, 4, 4),
+            sr_ratios: Tuple[int, ...] = (8, 4, 2, 1),
+            pretrain_size: int = 224,
+            qkv_bias: bool = True,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+        self.stem = nn.Identity()
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages, self.feature_info, prev = [], [], in_chans
+        for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
+            pre = pretrain_size // 2 ** (i + 2)     # the CPB coordinates are normalised by this grid
+            blocks = [Block(dim, num_heads[i], mlp_ratios[i], sr_ratios[i], (pre, pre), qkv_bias, drop_rate,
+                            dpr[i][j]) for j in range(depth)]
+            embed = PatchEmbed(prev, dim, 7, 4) if i == 0 else PatchEmbed(prev, dim, 3, 2)
+            stages.append(TransNeXtStage(blocks, embed, dim))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
+            prev = dim
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(('query_embedding', 'relative_pos_bias_local', 'learnable_tokens', 'learnable_bias',
+                               'temperature'))}
+
+    def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) -> Dict[str, torch.Tensor]:
+    """The zoo's layout passes through; the official one (plain state dict or under 'model') is renamed."""
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('stages.') for k in state_dict):
+        return match_state_dict(state_dict, model)
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^patch_embed(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.downsample.', k)
+        k = re.sub(r'^block(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.blocks.', k)
+        k = re.sub(r'^norm(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.norm.', k)
+        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+        out[k] = v
+    return match_state_dict(out, model)
+
+
+def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+    return create_model(TransNeXt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
+
+
+def _cfg(**kwargs):
+    return base_cfg(**{'crop_pct': 0.875, 'first_conv': 'stages.0.downsample.proj', 'classifier': 'head.fc',
+                       **kwargs})
+
+
+_ARCH = {
+    'micro': dict(depths=(2, 2, 15, 2), embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16)),
+    'tiny': dict(depths=(2, 2, 15, 2), embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24)),
+    'small': dict(depths=(5, 5, 22, 5), embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24)),
+    'base': dict(depths=(5, 5, 23, 5), embed_dims=(96, 192, 384, 768), num_heads=(4, 8, 16, 32)),
+}
+_PUBLISHED = {'micro': (12.8, 2.7, 82.5), 'tiny': (28.2, 5.7, 84.0), 'small': (49.7, 10.3, 84.7),
+              'base': (89.7, 18.4, 84.8)}
+
+default_cfgs = generate_default_cfgs({f'mz_transnext_{a}.in1k': _cfg() for a in _ARCH})
+
+
+@register_model
+def mz_transnext_micro(pretrained=False, **kwargs) -> TransNeXt:
+    return _create_transnext('mz_transnext_micro', pretrained, **dict(_ARCH['micro'], **kwargs))
+
+
+@register_model
+def mz_transnext_tiny(pretrained=False, **kwargs) -> TransNeXt:
+    return _create_transnext('mz_transnext_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
+
+
+@register_model
+def mz_transnext_small(pretrained=False, **kwargs) -> TransNeXt:
+    return _create_transnext('mz_transnext_small', pretrained, **dict(_ARCH['small'], **kwargs))
+
+
+@register_model
+def mz_transnext_base(pretrained=False, **kwargs) -> TransNeXt:
+    return _create_transnext('mz_transnext_base', pretrained, **dict(_ARCH['base'], **kwargs))
+
+
+for _a in _ARCH:
+    _registry.add(f'mz_transnext_{_a}', 'transnext', 'official:DaiShiResearch/TransNeXt', *_PUBLISHED[_a],
+                  build_only=_a in ('small', 'base'))
