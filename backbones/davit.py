@@ -15,14 +15,14 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
-from .layers import drop_path_rates
+from .layers import drop_path_rates, trunc_normal_init
 from .mixers import ChannelAttention, PartitionAttention
 
 __all__ = ['DaVit']
@@ -148,13 +148,7 @@ class DaVit(StagedModelMixin, nn.Module):
         self.head = NormMlpClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                           norm_layer=partial(LayerNorm2d, eps=_EPS))
         self.head_hidden_size = self.head.num_features
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(trunc_normal_init(nn.Linear))
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ConvNormAct
+from timm.layers import ConvNormAct, trunc_normal_
 from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 
 
@@ -68,6 +68,17 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: t
     if isinstance(conv, Conv2dSame):
         return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def trunc_normal_init(*types):
+    """The usual ViT-style init for ``model.apply``: layers of ``types`` get trunc-normal(0.02) weights
+    and zero biases."""
+    def init(m: nn.Module) -> None:
+        if isinstance(m, types):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return init
 
 
 def drop_path_rates(rate: float, depths) -> list:

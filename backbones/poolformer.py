@@ -11,14 +11,14 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
-from .layers import ChannelScale, drop_path_rates
+from .layers import ChannelScale, drop_path_rates, trunc_normal_init
 from .mixers import Pooling
 
 __all__ = ['PoolFormer']
@@ -94,13 +94,7 @@ class PoolFormer(StagedModelMixin, nn.Module):
         self.norm = nn.Identity()   # the final norm is the head's (applied after pooling)
         self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                           norm_layer=LayerNorm2d)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(trunc_normal_init(nn.Conv2d, nn.Linear))
 
     @torch.jit.ignore
     def no_weight_decay(self):

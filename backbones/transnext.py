@@ -18,14 +18,14 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.layers import ClassifierHead, DropPath
 from timm.models import generate_default_cfgs, register_model
 
 from . import _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
-from .layers import drop_path_rates
+from .layers import drop_path_rates, trunc_normal_init
 from .mixers.aggregated import AggregatedAttention, GlobalAttention
 
 __all__ = ['TransNeXt']
@@ -135,13 +135,7 @@ class TransNeXt(StagedModelMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = nn.Identity()
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(trunc_normal_init(nn.Linear))
 
     @torch.jit.ignore
     def no_weight_decay(self):
