@@ -77,6 +77,7 @@ class MixZooBackbone(BaseModule):
         self.model_name = model_name
         if drop_path_rate is not None:     # (SHViT has no stochastic depth: leave it unset there)
             model_kwargs['drop_path_rate'] = drop_path_rate
+        self._model_kwargs = {k: v for k, v in model_kwargs.items() if k != 'drop_path_rate'}
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
         off = int(model.stem_is_feature)
         n_stages = len(model.stages)
@@ -120,7 +121,8 @@ class MixZooBackbone(BaseModule):
         else:
             # a classifier checkpoint in any layout the family takes: match it against the whole
             # model, then keep what the pruned backbone uses (no final norm, no head)
-            probe = timm.create_model(self.model_name, pretrained=False)   # with its head, as released
+            # the same architecture with its head, as released
+            probe = timm.create_model(self.model_name, pretrained=False, **self._model_kwargs)
             sd = match_state_dict(_convert.filter_fn_of(probe)(dict(sd), probe), probe)
             keep = self.model.state_dict()
             self.model.load_state_dict({k: v for k, v in sd.items() if k in keep}, strict=True)
