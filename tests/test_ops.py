@@ -204,10 +204,9 @@ def test_backend_matches_reference(op, backend, case, dtype, device):
 def test_inference_path_matches_reference(op, backend, case, dtype, device):
     """Without autograd a backend may take another path (zero-copy views, fused pieces that have no
     gradient): the same forward check, under no_grad."""
-    kw = case.make(dtype, device)
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in case.make(dtype, device).items()}
     b = _skip_if_unrunnable(op, backend, kw)
     atol, rtol = b.tolerance(dtype)
-    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
     with torch.no_grad():
         ref = OPS[op](**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
                          for k, v in kw.items()}, backend='reference')

@@ -18,7 +18,7 @@ Returns (B, heads, H, W, Dv).
 import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select
+from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
 from . import reference as _reference
 from .geometry import BORDERS
 
@@ -29,6 +29,16 @@ __all__ = ['neighborhood_attention', 'neighborhood_aggregate']
 OP = 'neighborhood'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
+def _triton_fn(*args):
+    from . import triton as _triton   # imported lazily: triton is optional
+    return _triton.neighborhood_attention(*args)
+
+
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS[:3],
+                 head_dims=(1, 128), autograd=False, available=triton_unavailable, check=triton_interpreter_limits,
+                 doc='fused forward (window slots read in place + extra-key tiles, one online softmax); '
+                     'no backward yet; CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
 register(Backend(OP, 'torch', _torch.neighborhood_attention, dtypes=_FLOATS,
                  doc='query-row tiles: gathered windows + extra keys, one softmax, batched matmuls'))
 register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLOATS,
