@@ -35,10 +35,11 @@ def _triton_fn(*args):
     return _triton.neighborhood_attention(*args)
 
 
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS[:3],
+# not yet run on a GPU (none lent so far): used only when forced, until validated there
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS[:3],
                  head_dims=(1, 128), autograd=False, available=triton_unavailable, check=triton_interpreter_limits,
                  doc='fused forward (window slots read in place + extra-key tiles, one online softmax); '
-                     'no backward yet; CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
+                     'no backward yet; only when forced (not yet validated on a GPU; on CPU under TRITON_INTERPRET=1)'))
 register(Backend(OP, 'torch', _torch.neighborhood_attention, dtypes=_FLOATS,
                  doc='query-row tiles: gathered windows + extra keys, one softmax, batched matmuls'))
 register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLOATS,

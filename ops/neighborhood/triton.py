@@ -61,7 +61,7 @@ def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT,
             nmask = offs_n < P
             ek = tl.load(EK + bh * sek_bh + offs_n[None, :] * D + offs_d[:, None],
                          mask=nmask[None, :] & dmask[:, None], other=0.).to(tl.float32)          # (BD, BN)
-            s = tl.dot(q, ek) * scale
+            s = tl.dot(q, ek, input_precision="ieee") * scale
             if HAS_EB:
                 s += tl.load(EB + b * seb_b + hd * seb_h + offs_q[:, None] * P + offs_n[None, :],
                              mask=qmask[:, None] & nmask[None, :], other=0.).to(tl.float32)
@@ -72,7 +72,7 @@ def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT,
             p = tl.exp(s - m_safe[:, None])
             ev = tl.load(EV + bh * sev_bh + offs_n[:, None] * Dv + offs_v[None, :],
                          mask=nmask[:, None] & vmask[None, :], other=0.).to(tl.float32)          # (BN, BDV)
-            acc = acc * alpha[:, None] + tl.dot(p, ev)
+            acc = acc * alpha[:, None] + tl.dot(p, ev, input_precision="ieee")
             lsum = lsum * alpha + tl.sum(p, axis=1)
             m = m_new
     out = acc / tl.where(lsum == 0., 1., lsum)[:, None]
