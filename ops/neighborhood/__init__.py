@@ -37,9 +37,9 @@ def _triton_fn(*args):
 
 # not yet run on a GPU (none lent so far): used only when forced, until validated there
 register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS[:3],
-                 head_dims=(1, 128), autograd=False, available=triton_unavailable, check=triton_interpreter_limits,
-                 doc='fused forward (window slots read in place + extra-key tiles, one online softmax); '
-                     'no backward yet; only when forced (not yet validated on a GPU; on CPU under TRITON_INTERPRET=1)'))
+                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
+                 doc='fused forward + backward (window slots read in place + extra-key tiles, one online softmax; '
+                     'atomics for dK/dV); only when forced (not yet validated on a GPU; CPU under TRITON_INTERPRET=1)'))
 register(Backend(OP, 'torch', _torch.neighborhood_attention, dtypes=_FLOATS,
                  doc='query-row tiles: gathered windows + extra keys, one softmax, batched matmuls'))
 register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLOATS,

@@ -1,12 +1,10 @@
-"""Fused neighborhood attention in Triton: forward (inference) only, so far.
+"""Fused neighborhood attention in Triton, forward and backward.
 
 One program per (batch*head, tile of BQ queries in row-major map order). The k*k window keys of each
 query are read in place through the geometry's index table (H, W, k*k) - no gathered K/V copy - one
 slot at a time, and the extra keys in tiles of BN with tl.dot; one online softmax runs over both, so
 the (window + extra) logits never exist in memory. The relative-position bias is read through a
-flattened (2k-1)^2 index table; out-of-map slots are excluded by the validity table. The backward
-(dK/dV scatter for overlapping windows) is not written yet: the backend declares no autograd, so the
-dispatcher uses `torch` whenever gradients are needed.
+flattened (2k-1)^2 index table; out-of-map slots are excluded by the validity table.
 """
 import torch
 import triton
@@ -17,7 +15,7 @@ from . import geometry as G
 
 
 @triton.jit
-def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT,
+def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT, LSE,
          HW, K2, P, D, Dv, heads, scale,
          sq_bh, sk_bh, sv_bh, sek_bh, sev_bh, seb_b, seb_h, so_bh,
          HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EB: tl.constexpr,
@@ -76,46 +74,175 @@ def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT,
             lsum = lsum * alpha + tl.sum(p, axis=1)
             m = m_new
     out = acc / tl.where(lsum == 0., 1., lsum)[:, None]
+    tl.store(LSE + bh * HW + offs_q, m + tl.log(tl.where(lsum == 0., 1., lsum)), mask=qmask)
     tl.store(OUT + bh * so_bh + offs_q[:, None] * Dv + offs_v[None, :], out.to(OUT.dtype.element_ty),
              mask=qmask[:, None] & vmask[None, :])
 
 
+@triton.jit
+def _bwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, DO, LSE, DELTA, DQ, DK, DV, DSW, DEK, DEV, DEB,
+         HW, K2, P, D, Dv, heads, scale,
+         sq_bh, sk_bh, sv_bh, sek_bh, sev_bh, seb_b, seb_h,
+         HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EB: tl.constexpr, NEED_DEB: tl.constexpr,
+         BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """Probabilities recomputed from the saved log-sum-exp. dQ is complete within the program; dK / dV
+    of the (overlapping) windows and the extra keys' dK / dV are accumulated with fp32 atomics; the
+    window logits' gradients go out (DSW) for the relative-position table, the extra ones (DEB) for the
+    extra bias when it needs a gradient."""
+    bh = tl.program_id(1)
+    b = bh // heads
+    hd = bh % heads
+    offs_q = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    qmask = offs_q < HW
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < D
+    vmask = offs_v < Dv
+    q = tl.load(Q + bh * sq_bh + offs_q[:, None] * D + offs_d[None, :], mask=qmask[:, None] & dmask[None, :],
+                other=0.).to(tl.float32)
+    do = tl.load(DO + bh * HW * Dv + offs_q[:, None] * Dv + offs_v[None, :], mask=qmask[:, None] & vmask[None, :],
+                 other=0.).to(tl.float32)
+    lse = tl.load(LSE + bh * HW + offs_q, mask=qmask, other=0.)
+    delta = tl.load(DELTA + bh * HW + offs_q, mask=qmask, other=0.)
+    dq = tl.zeros((BQ, BD), tl.float32)
+    for j in range(K2):
+        kidx = tl.load(IDX + offs_q * K2 + j, mask=qmask, other=0)
+        ok = (tl.load(VALID + offs_q * K2 + j, mask=qmask, other=0) != 0) & qmask
+        kr = tl.load(K + bh * sk_bh + kidx[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
+                     other=0.).to(tl.float32)
+        s = tl.sum(q * kr, axis=1) * scale
+        if HAS_RPB:
+            ri = tl.load(RELI + offs_q * K2 + j, mask=qmask, other=0)
+            s += tl.load(RPB + hd * (4 * K2) + ri, mask=ok, other=0.).to(tl.float32)
+        p = tl.where(ok, tl.exp(s - lse), 0.)
+        vr = tl.load(V + bh * sv_bh + kidx[:, None] * Dv + offs_v[None, :], mask=ok[:, None] & vmask[None, :],
+                     other=0.).to(tl.float32)
+        ds = p * (tl.sum(do * vr, axis=1) - delta)
+        dq += ds[:, None] * kr * scale
+        tl.atomic_add(DK + bh * HW * D + kidx[:, None] * D + offs_d[None, :], ds[:, None] * q * scale,
+                      mask=ok[:, None] & dmask[None, :])
+        tl.atomic_add(DV + bh * HW * Dv + kidx[:, None] * Dv + offs_v[None, :], p[:, None] * do,
+                      mask=ok[:, None] & vmask[None, :])
+        if HAS_RPB:
+            tl.store(DSW + bh * HW * K2 + offs_q * K2 + j, ds, mask=qmask)
+    if HAS_EXTRA:
+        for n0 in range(0, P, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < P
+            ek = tl.load(EK + bh * sek_bh + offs_n[:, None] * D + offs_d[None, :],
+                         mask=nmask[:, None] & dmask[None, :], other=0.).to(tl.float32)          # (BN, BD)
+            ev = tl.load(EV + bh * sev_bh + offs_n[:, None] * Dv + offs_v[None, :],
+                         mask=nmask[:, None] & vmask[None, :], other=0.).to(tl.float32)          # (BN, BDV)
+            s = tl.dot(q, tl.trans(ek), input_precision="ieee") * scale
+            if HAS_EB:
+                s += tl.load(EB + b * seb_b + hd * seb_h + offs_q[:, None] * P + offs_n[None, :],
+                             mask=qmask[:, None] & nmask[None, :], other=0.).to(tl.float32)
+            live = qmask[:, None] & nmask[None, :]
+            p = tl.where(live, tl.exp(s - lse[:, None]), 0.)
+            dp = tl.dot(do, tl.trans(ev), input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds, ek, input_precision="ieee") * scale
+            tl.atomic_add(DEK + bh * P * D + offs_n[:, None] * D + offs_d[None, :],
+                          tl.dot(tl.trans(ds), q, input_precision="ieee") * scale, mask=nmask[:, None] & dmask[None, :])
+            tl.atomic_add(DEV + bh * P * Dv + offs_n[:, None] * Dv + offs_v[None, :],
+                          tl.dot(tl.trans(p), do, input_precision="ieee"), mask=nmask[:, None] & vmask[None, :])
+            if NEED_DEB:
+                tl.store(DEB + bh * HW * P + offs_q[:, None] * P + offs_n[None, :], ds, mask=live)
+    tl.store(DQ + bh * HW * D + offs_q[:, None] * D + offs_d[None, :], dq, mask=qmask[:, None] & dmask[None, :])
+
+
+def _tables(H, W, kernel, dilation, border, h, rpb, device, dtype):
+    idx, valid, rr, rc = G.windows(H, W, kernel, dilation, border, device)
+    reli = (rr * (2 * kernel - 1) + rc).to(torch.int32).contiguous()
+    table = torch.zeros(h, 4 * kernel * kernel, dtype=dtype, device=device)   # the per-head stride the kernels use
+    if rpb is not None:
+        table[:, :(2 * kernel - 1) ** 2] = rpb.reshape(h, -1)
+    return idx.to(torch.int32).contiguous(), valid.to(torch.int8).contiguous(), reli, table
+
+
+def _bias_view(extra_bias, HW, P):
+    """(B | 1, heads | 1, H, W, P) -> contiguous (B | 1, heads | 1, HW * P) and its batch / head strides
+    (0 for broadcast dims)."""
+    eb = extra_bias.reshape(extra_bias.shape[0], extra_bias.shape[1], HW * P).contiguous()
+    return eb, (eb.stride(0) if eb.shape[0] > 1 else 0), (eb.stride(1) if eb.shape[1] > 1 else 0)
+
+
+def _meta(D, Dv):
+    p2 = triton.next_power_of_2
+    interp = triton_interpret()
+    return dict(BQ=16 if interp else 64, BN=16 if interp else 64, BD=max(16, p2(D)), BDV=max(16, p2(Dv)),
+                num_warps=1 if interp else 4)
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, extra_k, extra_v, extra_bias, kernel, dilation, scale, border):
+        B, h, H, W, D = q.shape
+        Dv = v.shape[-1]
+        HW, K2 = H * W, kernel * kernel
+        idx, valid, reli, table = _tables(H, W, kernel, dilation, border, h, rpb, q.device, q.dtype)
+        qf, kf, vf = (t.reshape(B * h, HW, t.shape[-1]).contiguous() for t in (q, k, v))
+        dummy = qf.new_zeros(1)
+        P = extra_k.shape[2] if extra_k is not None else 0
+        ekf = extra_k.reshape(B * h, P, D).contiguous() if P else dummy
+        evf = extra_v.reshape(B * h, P, Dv).contiguous() if P else dummy
+        eb, seb_b, seb_h = _bias_view(extra_bias, HW, P) if extra_bias is not None else (dummy, 0, 0)
+        out = empty((B * h, HW, Dv), dtype=q.dtype, device=q.device)
+        lse = empty((B * h, HW), dtype=torch.float32, device=q.device)
+        meta = _meta(D, Dv)
+        grid = (triton.cdiv(HW, meta['BQ']), B * h)
+        _fwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse, HW, K2, P, D, Dv, h, scale,
+                   qf.stride(0), kf.stride(0), vf.stride(0), ekf.stride(0) if P else 0, evf.stride(0) if P else 0,
+                   seb_b, seb_h, out.stride(0), HAS_RPB=rpb is not None, HAS_EXTRA=P > 0,
+                   HAS_EB=extra_bias is not None, **meta)
+        ctx.save_for_backward(qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse)
+        ctx.args = (B, h, H, W, D, Dv, P, kernel, scale, seb_b, seb_h)
+        ctx.has = (rpb is not None, P > 0, extra_bias is not None)
+        ctx.shapes = (None if rpb is None else rpb.shape, None if extra_bias is None else extra_bias.shape)
+        return out.view(B, h, H, W, Dv)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse = ctx.saved_tensors
+        B, h, H, W, D, Dv, P, kernel, scale, seb_b, seb_h = ctx.args
+        has_rpb, has_extra, has_eb = ctx.has
+        HW, K2, dev = H * W, kernel * kernel, qf.device
+        do = dout.reshape(B * h, HW, Dv).contiguous()
+        delta = (do.float() * out.float()).sum(-1).contiguous()
+        f32 = dict(dtype=torch.float32, device=dev)
+        dq = torch.empty((B * h, HW, D), **f32)
+        dk, dv = torch.zeros((B * h, HW, D), **f32), torch.zeros((B * h, HW, Dv), **f32)
+        dsw = torch.zeros((B * h, HW * K2), **f32) if has_rpb else dq.new_zeros(1)
+        dek = torch.zeros((B * h, P, D), **f32) if has_extra else dq.new_zeros(1)
+        dev_ = torch.zeros((B * h, P, Dv), **f32) if has_extra else dq.new_zeros(1)
+        need_deb = has_eb and ctx.needs_input_grad[6]
+        deb = torch.zeros((B * h, HW * P), **f32) if need_deb else dq.new_zeros(1)
+        meta = _meta(D, Dv)
+        grid = (triton.cdiv(HW, meta['BQ']), B * h)
+        _bwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, do, lse, delta, dq, dk, dv, dsw, dek, dev_, deb,
+                   HW, K2, P, D, Dv, h, scale, qf.stride(0), kf.stride(0), vf.stride(0),
+                   ekf.stride(0) if has_extra else 0, evf.stride(0) if has_extra else 0, seb_b, seb_h,
+                   HAS_RPB=has_rpb, HAS_EXTRA=has_extra, HAS_EB=has_eb, NEED_DEB=need_deb, **meta)
+        dt = qf.dtype
+        shape = (B, h, H, W)
+        grads = [dq.view(*shape, D).to(dt), dk.view(*shape, D).to(dt), dv.view(*shape, Dv).to(dt)]
+        drpb = None
+        if has_rpb:   # scatter the window logits' gradients onto the (2k-1)^2 offsets, summed over the batch
+            L2 = (2 * kernel - 1) ** 2
+            acc = torch.zeros((h, L2), **f32)
+            acc.index_add_(1, reli.view(-1).long(), dsw.view(B, h, HW * K2).sum(0))
+            drpb = acc.view(ctx.shapes[0]).to(dt)
+        dek_out = dek.view(B, h, P, D).to(dt) if has_extra else None
+        dev_out = dev_.view(B, h, P, Dv).to(dt) if has_extra else None
+        deb_out = None
+        if need_deb:
+            full = deb.view(B, h, H, W, P)
+            eb_shape = ctx.shapes[1]
+            deb_out = full.sum(dim=[i for i in (0, 1) if eb_shape[i] == 1], keepdim=True).to(dt)
+        return (*grads, drpb, dek_out, dev_out, deb_out, None, None, None, None)
+
+
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask'):
-    B, h, H, W, D = q.shape
-    Dv = v.shape[-1]
-    HW, K2 = H * W, kernel * kernel
-    scale = D ** -0.5 if scale is None else float(scale)
-    idx, valid, rr, rc = G.windows(H, W, kernel, dilation, border, q.device)
-    idx = idx.to(torch.int32).contiguous()
-    valid = valid.to(torch.int8).contiguous()
-    qf, kf, vf = (t.reshape(B * h, HW, t.shape[-1]).contiguous() for t in (q, k, v))
-    dummy = qf.new_zeros(1)
-    if rpb is not None:
-        reli = (rr * (2 * kernel - 1) + rc).to(torch.int32).contiguous()
-        # (heads, (2k-1)^2) padded to 4 k^2 entries per head, the stride the kernel assumes
-        table = torch.zeros(h, 4 * K2, dtype=q.dtype, device=q.device)
-        table[:, :(2 * kernel - 1) ** 2] = rpb.reshape(h, -1)
-    else:
-        reli, table = idx, dummy
-    P = extra_k.shape[2] if extra_k is not None else 0
-    ekf = extra_k.reshape(B * h, P, D).contiguous() if P else dummy
-    evf = extra_v.reshape(B * h, P, Dv).contiguous() if P else dummy
-    if extra_bias is not None:     # (B | 1, heads | 1, H, W, P): broadcast dims get stride 0
-        eb = extra_bias.reshape(extra_bias.shape[0], extra_bias.shape[1], HW * P).contiguous()
-        seb_b = eb.stride(0) if eb.shape[0] > 1 else 0
-        seb_h = eb.stride(1) if eb.shape[1] > 1 else 0
-    else:
-        eb, seb_b, seb_h = dummy, 0, 0
-    out = empty((B * h, HW, Dv), dtype=q.dtype, device=q.device)
-    p2 = triton.next_power_of_2
-    BQ = 16 if triton_interpret() else 64
-    grid = (triton.cdiv(HW, BQ), B * h)
-    _fwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out,
-               HW, K2, P, D, Dv, h, scale,
-               qf.stride(0), kf.stride(0), vf.stride(0), ekf.stride(0) if P else 0, evf.stride(0) if P else 0,
-               seb_b, seb_h, out.stride(0),
-               HAS_RPB=rpb is not None, HAS_EXTRA=P > 0, HAS_EB=extra_bias is not None,
-               BQ=BQ, BN=16 if triton_interpret() else 64, BD=max(16, p2(D)), BDV=max(16, p2(Dv)),
-               num_warps=1 if triton_interpret() else 4)
-    return out.view(B, h, H, W, Dv)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _NeighborhoodAttention.apply(q, k, v, rpb, extra_k, extra_v, extra_bias, kernel, dilation, scale, border)
