@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ops import neighborhood_aggregate, neighborhood_attention
+from ops.neighborhood.geometry import windows as window_geometry
 
 
 def _inv_softplus(x: float) -> float:
@@ -58,16 +59,6 @@ def _cpb_inputs(H: int, W: int, ph: int, pw: int, pre_h: int, pre_w: int, device
     dw, iw = axis(W, pw, pre_w)
     grid = torch.stack(torch.meshgrid(dh, dw, indexing='ij'), -1).reshape(-1, 2)
     return grid, ih, iw, len(dw)
-
-
-def _local_counts(H: int, W: int, window: int, device) -> torch.Tensor:
-    """Number of in-map keys of each query's centred window, (H, W), float32."""
-    r = window // 2
-
-    def axis(n):
-        i = torch.arange(n, device=device)
-        return (i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1
-    return (axis(H)[:, None] * axis(W)[None, :]).float()
 
 
 def _log_spaced(d: torch.Tensor) -> torch.Tensor:
@@ -142,7 +133,9 @@ class AggregatedAttention(_CosineQueryMixin):
         kvp = self.kv(pooled).view(B, ph * pw, 2, h, D)
         k_pool = F.normalize(kvp[:, :, 0], dim=-1).transpose(1, 2)                              # (B, h, P, D)
         v_pool = kvp[:, :, 1].transpose(1, 2)
-        scale = torch.log(_local_counts(H, W, k, x.device) + ph * pw)                           # (H, W)
+        # length scale: log(#in-map keys of the centred window + #pooled keys), from the op's own geometry
+        in_map = window_geometry(H, W, k, 1, 'mask', x.device)[1].sum(-1).float()              # (H, W)
+        scale = torch.log(in_map + ph * pw)
         dt = v_loc.dtype     # (under autocast the normalised / scaled terms come out in float32)
         o = neighborhood_attention(
             self._scaled_query(qn, scale).to(dt), k_loc.to(dt), v_loc, k, rpb=self._local_bias_table().to(dt),

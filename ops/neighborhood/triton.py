@@ -15,6 +15,34 @@ from . import geometry as G
 
 
 @triton.jit
+def _slot_logits(q, K, IDX, VALID, RELI, RPB, bh, hd, j, offs_q, qmask, offs_d, dmask, sk_bh, K2, D, scale,
+                 HAS_RPB: tl.constexpr):
+    """Window slot j of every query of the tile: (logit, key row, key index, in-map flag)."""
+    kidx = tl.load(IDX + offs_q * K2 + j, mask=qmask, other=0)
+    ok = (tl.load(VALID + offs_q * K2 + j, mask=qmask, other=0) != 0) & qmask
+    kr = tl.load(K + bh * sk_bh + kidx[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
+                 other=0.).to(tl.float32)
+    s = tl.sum(q * kr, axis=1) * scale
+    if HAS_RPB:
+        ri = tl.load(RELI + offs_q * K2 + j, mask=qmask, other=0)
+        s += tl.load(RPB + hd * (4 * K2) + ri, mask=ok, other=0.).to(tl.float32)   # (2k-1)^2 < 4 k^2
+    return s, kr, kidx, ok
+
+
+@triton.jit
+def _extra_logits(q, EK, EB, bh, b, hd, offs_n, nmask, offs_q, qmask, offs_d, dmask, sek_bh, seb_b, seb_h, P, D,
+                  scale, HAS_EB: tl.constexpr):
+    """Extra keys offs_n for the tile's queries: (logits (BQ, BN), key rows (BN, BD))."""
+    ek = tl.load(EK + bh * sek_bh + offs_n[:, None] * D + offs_d[None, :],
+                 mask=nmask[:, None] & dmask[None, :], other=0.).to(tl.float32)
+    s = tl.dot(q, tl.trans(ek), input_precision="ieee") * scale
+    if HAS_EB:
+        s += tl.load(EB + b * seb_b + hd * seb_h + offs_q[:, None] * P + offs_n[None, :],
+                     mask=qmask[:, None] & nmask[None, :], other=0.).to(tl.float32)
+    return s, ek
+
+
+@triton.jit
 def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT, LSE,
          HW, K2, P, D, Dv, heads, scale,
          sq_bh, sk_bh, sv_bh, sek_bh, sev_bh, seb_b, seb_h, so_bh,
@@ -35,14 +63,8 @@ def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT, LSE,
     lsum = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, BDV), tl.float32)
     for j in range(K2):
-        kidx = tl.load(IDX + offs_q * K2 + j, mask=qmask, other=0)
-        ok = tl.load(VALID + offs_q * K2 + j, mask=qmask, other=0) != 0
-        kr = tl.load(K + bh * sk_bh + kidx[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
-                     other=0.).to(tl.float32)
-        s = tl.sum(q * kr, axis=1) * scale
-        if HAS_RPB:
-            ri = tl.load(RELI + offs_q * K2 + j, mask=qmask, other=0)
-            s += tl.load(RPB + hd * (4 * K2) + ri, mask=ok, other=0.).to(tl.float32)   # (2k-1)^2 < 4 k^2
+        s, kr, kidx, ok = _slot_logits(q, K, IDX, VALID, RELI, RPB, bh, hd, j, offs_q, qmask, offs_d, dmask,
+                                       sk_bh, K2, D, scale, HAS_RPB)
         s = tl.where(ok, s, float('-inf'))
         m_new = tl.maximum(m, s)
         m_safe = tl.where(m_new == float('-inf'), 0., m_new)
@@ -57,12 +79,8 @@ def _fwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, OUT, LSE,
         for n0 in range(0, P, BN):
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < P
-            ek = tl.load(EK + bh * sek_bh + offs_n[None, :] * D + offs_d[:, None],
-                         mask=nmask[None, :] & dmask[:, None], other=0.).to(tl.float32)          # (BD, BN)
-            s = tl.dot(q, ek, input_precision="ieee") * scale
-            if HAS_EB:
-                s += tl.load(EB + b * seb_b + hd * seb_h + offs_q[:, None] * P + offs_n[None, :],
-                             mask=qmask[:, None] & nmask[None, :], other=0.).to(tl.float32)
+            s, ek = _extra_logits(q, EK, EB, bh, b, hd, offs_n, nmask, offs_q, qmask, offs_d, dmask, sek_bh,
+                                  seb_b, seb_h, P, D, scale, HAS_EB)
             s = tl.where(nmask[None, :], s, float('-inf'))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float('-inf'), 0., m_new)
@@ -106,14 +124,8 @@ def _bwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, DO, LSE, DELTA, DQ, DK, DV,
     delta = tl.load(DELTA + bh * HW + offs_q, mask=qmask, other=0.)
     dq = tl.zeros((BQ, BD), tl.float32)
     for j in range(K2):
-        kidx = tl.load(IDX + offs_q * K2 + j, mask=qmask, other=0)
-        ok = (tl.load(VALID + offs_q * K2 + j, mask=qmask, other=0) != 0) & qmask
-        kr = tl.load(K + bh * sk_bh + kidx[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
-                     other=0.).to(tl.float32)
-        s = tl.sum(q * kr, axis=1) * scale
-        if HAS_RPB:
-            ri = tl.load(RELI + offs_q * K2 + j, mask=qmask, other=0)
-            s += tl.load(RPB + hd * (4 * K2) + ri, mask=ok, other=0.).to(tl.float32)
+        s, kr, kidx, ok = _slot_logits(q, K, IDX, VALID, RELI, RPB, bh, hd, j, offs_q, qmask, offs_d, dmask,
+                                       sk_bh, K2, D, scale, HAS_RPB)
         p = tl.where(ok, tl.exp(s - lse), 0.)
         vr = tl.load(V + bh * sv_bh + kidx[:, None] * Dv + offs_v[None, :], mask=ok[:, None] & vmask[None, :],
                      other=0.).to(tl.float32)
@@ -129,14 +141,10 @@ def _bwd(Q, K, V, IDX, VALID, RELI, RPB, EK, EV, EB, DO, LSE, DELTA, DQ, DK, DV,
         for n0 in range(0, P, BN):
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < P
-            ek = tl.load(EK + bh * sek_bh + offs_n[:, None] * D + offs_d[None, :],
-                         mask=nmask[:, None] & dmask[None, :], other=0.).to(tl.float32)          # (BN, BD)
+            s, ek = _extra_logits(q, EK, EB, bh, b, hd, offs_n, nmask, offs_q, qmask, offs_d, dmask, sek_bh,
+                                  seb_b, seb_h, P, D, scale, HAS_EB)
             ev = tl.load(EV + bh * sev_bh + offs_n[:, None] * Dv + offs_v[None, :],
                          mask=nmask[:, None] & vmask[None, :], other=0.).to(tl.float32)          # (BN, BDV)
-            s = tl.dot(q, tl.trans(ek), input_precision="ieee") * scale
-            if HAS_EB:
-                s += tl.load(EB + b * seb_b + hd * seb_h + offs_q[:, None] * P + offs_n[None, :],
-                             mask=qmask[:, None] & nmask[None, :], other=0.).to(tl.float32)
             live = qmask[:, None] & nmask[None, :]
             p = tl.where(live, tl.exp(s - lse[:, None]), 0.)
             dp = tl.dot(do, tl.trans(ev), input_precision="ieee")
