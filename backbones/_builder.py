@@ -3,16 +3,18 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
 from . import _pretrained
+from .layers import use_onednn_linears
 
 
 def create_model(cls, variant: str, pretrained: bool, filter_fn, default_out_indices, **kwargs):
     """timm's build_model_with_cfg with the zoo's conventions: the local weights lookup for
     ``pretrained=True``, the family's checkpoint filter, and ``features_only`` through
-    ``forward_intermediates`` (timm's getter feature class)."""
+    ``forward_intermediates`` (timm's getter feature class); linear layers run on oneDNN on CPU
+    (``layers.linear``)."""
     _pretrained.resolve(variant, pretrained, kwargs)
-    return build_model_with_cfg(
+    return use_onednn_linears(build_model_with_cfg(
         cls, variant, pretrained, pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', default_out_indices)), **kwargs)
+        feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', default_out_indices)), **kwargs))
 
 
 def base_cfg(**kwargs) -> dict:

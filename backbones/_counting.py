@@ -3,6 +3,9 @@ GMACs = torch.utils.flop_counter total / 2 for one image, in eval mode (REFERENC
 import torch
 import torch.nn as nn
 
+from ops import _onednn
+from ops._dispatch import forcing
+
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -19,8 +22,11 @@ def gmacs(model: nn.Module, size, by_op: bool = False):
     extra = {}
     cpu_flash = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
     if cpu_flash is not None:
-        extra[cpu_flash] = sdpa_flop
-    with FlopCounterMode(display=False, custom_mapping=extra) as fc, torch.no_grad():
+        extra[cpu_flash] = getattr(sdpa_flop, '__wrapped__', sdpa_flop)   # FlopCounterMode adds the shape wrapper
+    # counted as the architecture is defined: linear layers as linear (not their oneDNN conv route) and
+    # halo attention over whole windows (its fast path skips the zero keys outside the map)
+    with FlopCounterMode(display=False, custom_mapping=extra) as fc, torch.no_grad(), _onednn.disabled(), \
+            forcing(halo='reference'):
         model.eval()(x)
     total = fc.get_total_flops() / 2e9
     if not by_op:

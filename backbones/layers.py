@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, trunc_normal_
 from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 
+from ops._onednn import linear
+
 
 class ChannelScale(nn.Module):
     """Per-channel learnable scale (layer scale) on NCHW maps; parameter named ``scale``
@@ -43,6 +45,22 @@ def bn_foldable(x: torch.Tensor, *bns: nn.Module) -> bool:
     if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
         return False
     return all(isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None for bn in bns)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose forward is ``ops._onednn.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of ``model`` (timm's Mlp and heads included) a ``Linear``: a class
+    switch, parameters and hooks untouched. Done by the builder for every zoo model."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return model
 
 
 def conv_bn_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, pre_bn: nn.BatchNorm2d = None):

@@ -19,7 +19,7 @@ from . import _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
 from ._weights import match_state_dict, unwrap_state_dict
-from .layers import ConvNorm, Residual, fuse_modules
+from .layers import ConvNorm, Linear, Residual, fuse_modules
 from .mixers import SingleHeadAttention
 
 __all__ = ['SHViT']
@@ -89,7 +89,7 @@ class NormLinear(nn.Module):
         bn = self.bn.eval()
         s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         t = bn.bias - bn.running_mean * s
-        m = nn.Linear(self.l.in_features, self.l.out_features, device=s.device, dtype=s.dtype)
+        m = Linear(self.l.in_features, self.l.out_features, device=s.device, dtype=s.dtype)
         m.weight.copy_(self.l.weight * s[None])
         m.bias.copy_(self.l.weight @ t + self.l.bias)
         return m

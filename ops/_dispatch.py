@@ -12,12 +12,13 @@ A forced backend that cannot run raises :class:`BackendError` listing its reason
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend',
+__all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend', 'forcing',
            'empty', 'poisoned_outputs']
 
 
@@ -141,8 +142,26 @@ def backends(op: str) -> List[Backend]:
     return [_REGISTRY[op][n] for n in _PRIORITY[op]]
 
 
+_SCOPED: Dict[str, str] = {}
+
+
+@contextmanager
+def forcing(**op_backends: str):
+    """Force backends inside a ``with`` block, e.g. ``forcing(halo='reference')`` (over
+    ``MIXZOO_BACKEND``). The counters use it to count the op as defined, not a shortcut of a fast path."""
+    saved = dict(_SCOPED)
+    _SCOPED.update(op_backends)
+    try:
+        yield
+    finally:
+        _SCOPED.clear()
+        _SCOPED.update(saved)
+
+
 def forced_backend(op: str) -> Optional[str]:
-    """The backend ``MIXZOO_BACKEND`` forces for ``op`` (None if it forces none)."""
+    """The backend ``forcing`` or ``MIXZOO_BACKEND`` forces for ``op`` (None if none is forced)."""
+    if op in _SCOPED:
+        return _SCOPED[op]
     spec = os.environ.get('MIXZOO_BACKEND', '').strip()
     if not spec:
         return None

@@ -45,6 +45,16 @@ def test_env_forcing(toy_op, monkeypatch):
         _dispatch.select(toy_op, Call('cpu', torch.float16, 32))
 
 
+def test_scoped_forcing_wins_and_is_undone(toy_op, monkeypatch):
+    monkeypatch.setenv('MIXZOO_BACKEND', f'{toy_op}:fast')
+    with _dispatch.forcing(**{toy_op: 'plain'}):
+        assert _dispatch.select(toy_op, Call('cuda', torch.float16, 32)).name == 'plain'
+        with pytest.raises(BackendError, match='unknown backend'), _dispatch.forcing(**{toy_op: 'nope'}):
+            _dispatch.select(toy_op, Call('cuda', torch.float16, 32))
+        assert _dispatch.forced_backend(toy_op) == 'plain'
+    assert _dispatch.forced_backend(toy_op) == 'fast'
+
+
 def test_no_backend_error_lists_each(toy_op):
     _dispatch._PRIORITY[toy_op].remove('plain')
     try:

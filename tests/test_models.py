@@ -115,8 +115,7 @@ def test_params_and_gmacs(name):
     size = (info.img_size, info.img_size)
     (g, ops), (g_ref, ops_ref) = gmacs(zoo, size, by_op=True), gmacs(ref, size, by_op=True)
     # the convolutions cost exactly timm's; attention may count a little differently (timm counts its
-    # einsum relative-position lookup as matmul work; the zoo's halo path folds the relative logits
-    # into a wider q.k product to avoid a mask), within 2% either way: the architecture is the same
+    # einsum relative-position lookup as matmul work), within 2% either way: the architecture is the same
     assert abs(ops.get('convolution', 0) - ops_ref.get('convolution', 0)) <= 1e-6 * g_ref, (ops, ops_ref)
     assert g_ref * 0.98 <= g <= g_ref * 1.02, f'{name}: {g:.3f} GMACs vs timm {g_ref:.3f}'
     if info.gmacs is not None:

@@ -42,7 +42,7 @@ register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices
                  doc='fused forward + backward reading the halo window from the map (no unfolded K/V); '
                      'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
 register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='one K/V unfold, gathered relative logits, SDPA'))
+                 doc='batched matmuls over the in-map keys of each window; zero border keys as one closed-form logit'))
 register(Backend(OP, 'reference', _reference.halo_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='unfold + explicit softmax (oracle)'))
 

@@ -1,51 +1,104 @@
-"""Halo attention fast path: "band" layout, so that no K/V window is ever unfolded.
+"""Halo attention fast path: batched matmuls over each window's in-map keys only.
 
-The key map is cut into bands of ``win`` rows, one per block row (the rows its windows span), and
-each band is stored column-major: (band column, band row, B, heads, D). A window (block i, j) is
-then the contiguous run of ``win * win`` positions starting at column ``j * block`` of band i, so
-the windows of a band are an overlapping strided view that SDPA reads in place; batch and heads fold
-into SDPA's head dimension. Queries are laid out the same way (one block = a contiguous run of
-``bq * bq``), and the output is written straight into an NHWC buffer (returned as a view, so a
-channels_last caller gets channels_last maps). Relative logits (a small matmul + gather, in the same
-column-major order) and the border mask are SDPA's additive mask.
+Keys outside the map are never multiplied. Under ``mask`` they are simply not keys; under
+``zero_pad`` (timm) each is a zero vector whose logit is its relative-position logit alone and whose
+value is zero, so all of a query's out-of-map keys act as one extra key with logit
+log(sum exp(rel)) and value 0, computed in closed form from the per-row and per-column relative
+logits (the sum over the window's out-of-map (row, col) pairs factorises). At halonet26t's stage 3
+(16 x 16 map, 8 + 2 x 2 windows) that removes 31% of the keys, and 56% at stage 4 (8 x 8).
 
-Measured (CPU, 2 threads, halonet26t stage 3, batch 8, 16x16): this layout 7.0-7.2 ms vs the unfold
-formulation 8.2-8.6 ms (pad + unfold + block copies); gathering windows with index_select from an
-NHWC buffer was no faster than unfolding (9.2 ms).
+Layout: the in-map rows of each band of blocks are copied once, column-major, (B, heads, W, rows, D),
+so a window's in-map keys are one contiguous run of that band and enter ``bmm`` in place; queries are
+copied block by block in the same (column, row) order. Per window: logits = relative logits (+ the
+out-of-map key) then ``baddbmm`` q . k, softmax, ``bmm`` with the values; without autograd the logits
+are written into one buffer in place. The output is an NHWC buffer returned as a (B, h, Dv, H, W)
+view, so a channels_last caller keeps channels_last maps.
+
+Measured (CPU, 2 threads, halonet26t stage 3, batch 8, 16 x 16, module with its 1x1 projections,
+NHWC input): see ``tools/benchmark.py --op halo``; the README and issue note carry the figures.
 """
 import torch
 import torch.nn.functional as F
 
+from .._onednn import linear
 from . import geometry as G
 
 
-def _bands(t: torch.Tensor, block: int, halo: int, nbh: int, Wp: int) -> torch.Tensor:
-    """(B, h, D, H, W) -> (nbh, Wp + 2 * halo, win, B, h, D): band i holds map rows
-    [i * block - halo, i * block - halo + win), column-major, zero outside the map."""
-    B, h, D, H, W = t.shape
-    win = block + 2 * halo
-    out = t.new_zeros(nbh, Wp + 2 * halo, win, B, h, D)
-    src = t.permute(4, 3, 0, 1, 2)                                  # (W, H, B, h, D) view
-    for i in range(nbh):
-        r0 = i * block - halo
-        a, b = max(r0, 0), min(r0 + win, H)
-        if b > a:
-            out[i, halo:halo + W, a - r0:b - r0] = src[:, a:b]
+def _spans(n_blocks: int, block: int, halo: int, size: int):
+    """Per block index: (first, end) map coordinate of its window clipped to the map, and the
+    window-relative offset of ``first``."""
+    out = []
+    for i in range(n_blocks):
+        s = i * block - halo
+        a, b = max(s, 0), min(s + block + 2 * halo, size)
+        out.append((a, b, a - s))
     return out
 
 
-def _query_bands(q: torch.Tensor, bq: int, nbh: int, nbw: int) -> torch.Tensor:
-    """(B, h, D, Hq, Wq) -> (nbh, nbw * bq, bq, B, h, D), column-major blocks, zero padded."""
+def _query_blocks(q: torch.Tensor, bq: int, nbh: int, nbw: int) -> torch.Tensor:
+    """(B, h, D, Hq, Wq) -> (B * h, nbh, nbw, bq * bq, D): block (i, j) in (column, row) order."""
     B, h, D, Hq, Wq = q.shape
-    if Hq == nbh * bq and Wq == nbw * bq:
-        out = q.new_empty(nbh, nbw * bq, bq, B, h, D)
-    else:
-        out = q.new_zeros(nbh, nbw * bq, bq, B, h, D)
-    src = q.permute(4, 3, 0, 1, 2)
-    for i in range(nbh):
-        a, b = i * bq, min((i + 1) * bq, Hq)
-        out[i, :Wq, :b - a] = src[:, a:b]
+    if (Hq, Wq) != (nbh * bq, nbw * bq):
+        q = F.pad(q, (0, nbw * bq - Wq, 0, nbh * bq - Hq))
+    blocks = q.unflatten(4, (nbw, bq)).unflatten(3, (nbh, bq)).permute(0, 1, 3, 5, 6, 4, 2)
+    return blocks.reshape(B * h, nbh, nbw, bq * bq, D)
+
+
+def _band(t: torch.Tensor, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
+    """Map rows [r0, r1) of (B, h, D, H, W), column-major, plus one zero row, into ``buf`` (one
+    allocation reused by every band): (B * h, W * (r1 - r0) + 1, D). The spare row lets a window's
+    run be read one key longer, so its logits buffer can keep a trailing column (the out-of-map key)
+    and still be a contiguous ``baddbmm_`` output."""
+    B, h, D, H, W = t.shape
+    n = W * (r1 - r0)
+    out = buf[:B * h * (n + 1) * D].view(B * h, n + 1, D)
+    out[:, :n].view(B, h, W, r1 - r0, D).copy_(t[:, :, :, r0:r1].permute(0, 1, 4, 3, 2))
+    out[:, n].zero_()
     return out
+
+
+def _rel_tables(Qb: torch.Tensor, rel_h, rel_w, bq: int, win: int) -> torch.Tensor:
+    """Relative logits of every query against every window row and column, gathered from one small
+    GEMM: (BH, nbh, nbw, nq, 2, win), [..., 0, r] = q . rel_h[r - a + win - 1] and
+    [..., 1, c] = q . rel_w[c - b + win - 1] for the query at (row a, col b) of its block."""
+    L = linear(Qb, torch.cat([rel_h, rel_w]).to(Qb.dtype)).unflatten(3, (bq, bq))   # (.., b, a, 2T)
+    T = 2 * win - 1
+    r = torch.arange(win, device=Qb.device)
+    a = torch.arange(bq, device=Qb.device)
+    idx = torch.stack([(r - a[None, :, None] + win - 1).expand(bq, bq, win),          # (b, a, r)
+                       (r - a[:, None, None] + win - 1 + T).expand(bq, bq, win)], 2)   # (b, a, c)
+    return torch.gather(L, -1, idx.flatten(-2).expand(*L.shape[:-1], 2 * win)).unflatten(-1, (2, win)).flatten(3, 4)
+
+
+def _outside_logits(rel, rows, cols, win: int, dtype, device) -> torch.Tensor:
+    """log sum over each window's out-of-map keys (r, c) of exp(lh[r] + lw[c]) -- zero keys, so the
+    logit is the relative part alone -- for every window at once: (BH | 1, nbh, nbw, nq | 1).
+    sum = A_out * (B_in + B_out) + A_in * B_out with A / B the sums of exp over the window's
+    out-of-map / in-map rows and columns (each term summed directly: no cancellation)."""
+    spans = (rows, cols)
+    if rel is None:   # logit 0 each: log of the count
+        n_in = torch.tensor([[(r1 - r0) * (c1 - c0) for c0, c1, _ in cols] for r0, r1, _ in rows], device=device)
+        return (win * win - n_in).to(dtype).log()[None, :, :, None]
+    # window position first and queries innermost: sums over 12-odd positions are several times
+    # faster with a long contiguous inner dimension (one transposing copy pays for it)
+    relT = rel.permute(4, 5, 1, 2, 0, 3).contiguous()                   # (row/col, win, nbh, nbw, BH, nq)
+    m = relT.amax(1, keepdim=True)
+    E = (relT - m).exp_()
+    sums = []                                                            # [row/col][in/out] (nbh, nbw, BH, nq)
+    for axis in (0, 1):
+        s_in, s_out = [], []
+        for n, (a, b, d) in enumerate(spans[axis]):
+            e = E[axis, :, n] if axis == 0 else E[axis, :, :, n]        # (win, nb_other, BH, nq)
+            s_in.append(e[d:d + b - a].sum(0))
+            s_out.append(e[:d].sum(0) + e[d + b - a:].sum(0))
+        sums.append([torch.stack(t, axis) for t in (s_in, s_out)])
+    (a_in, a_out), (b_in, b_out) = sums
+    lse = (a_out * (b_in + b_out) + a_in * b_out).log() + m[0, 0] + m[1, 0]   # (nbh, nbw, BH, nq)
+    return lse.permute(2, 0, 1, 3)
+
+
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad'):
@@ -53,28 +106,62 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
     B, h, D, H, W = k.shape
     Dv, Hq, Wq = v.shape[2], q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    BH, nq, nk = B * h, bq * bq, win * win
-    kb, vb = _bands(k, block, halo, nbh, Wp), _bands(v, block, halo, nbh, Wp)
-    qb = _query_bands(q, bq, nbh, nbw)
-    if border == 'mask':   # (nbh, nbw, win, win) row-major validity -> column-major, as -inf / 0
-        valid = G.key_valid(H, W, block, halo, Hp, Wp, q.device).view(nbh, nbw, win, win).transpose(-1, -2)
-        neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float('-inf'))
-        neg = neg.reshape(nbh, nbw, 1, 1, nk)
-    # every block's queries (blocks are contiguous runs, bands follow each other): (nbh * nbw, BH, nq, D)
-    Qs = qb.as_strided((nbh * nbw, BH, nq, D), (nq * BH * D, D, BH * D, 1))
-    # relative logits for all blocks at once; column-major order on both sides, so the width table
-    # plays the row role and vice versa
-    rel = G.rel_logits(Qs, rel_w, rel_h, bq, win).view(nbh, nbw, BH, nq, nk) if rel_h is not None else None
-    out = q.new_empty(B, nbh * bq, nbw * bq, h, Dv)                # NHWC (heads, channels) output
-    for i in range(nbh):
-        Q = Qs[i * nbw:(i + 1) * nbw]
-        K = kb[i].as_strided((nbw, BH, nk, D), (block * win * BH * D, D, BH * D, 1))
-        V = vb[i].as_strided((nbw, BH, nk, Dv), (block * win * BH * Dv, Dv, BH * Dv, 1))
-        mask = rel[i] if rel is not None else None
-        if border == 'mask':
-            mask = neg[i] if mask is None else mask + neg[i]
-        o = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=scale)   # (nbw, BH, nq, Dv)
-        # (nbw, B, h, col, row, Dv) -> out[b, i * bq + row, j * bq + col, h, Dv]
-        dst = out[:, i * bq:(i + 1) * bq].view(B, bq, nbw, bq, h, Dv)
-        dst.copy_(o.view(nbw, B, h, bq, bq, Dv).permute(1, 4, 0, 3, 2, 5))
-    return out[:, :Hq, :Wq].permute(0, 3, 4, 1, 2)                 # (B, h, Dv, Hq, Wq) view
+    BH, nq = B * h, bq * bq
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w)))
+    Qb = _query_blocks(q, bq, nbh, nbw)                                  # (BH, nbh, nbw, nq, D)
+    rel = _rel_tables(Qb, rel_h, rel_w, bq, win) if rel_h is not None else None
+    rows, cols = _spans(nbh, block, halo, H), _spans(nbw, block, halo, W)
+    o_logits = _outside_logits(rel, rows, cols, win, q.dtype, q.device) if border == 'zero_pad' else None
+    outs = q.new_empty(nbh, nbw, BH, nq, Dv) if inplace else []
+    # one allocation each for the bands and (without autograd) the logits, reused band after band and
+    # window after window: fresh multi-MB tensors cost page faults that rival the arithmetic on CPU
+    # (with autograd the bands are saved for backward: one each)
+    n_max = W * max(r1 - r0 for r0, r1, _ in rows) + 1
+    if inplace:
+        kbuf, vbuf = k.new_empty(BH * n_max * D), v.new_empty(BH * n_max * Dv)
+        ws = q.new_empty(BH * nq * (win * win + 1))
+    for i, (r0, r1, dr) in enumerate(rows):
+        nr = r1 - r0
+        if not inplace:
+            kbuf, vbuf = k.new_empty(BH * n_max * D), v.new_empty(BH * n_max * Dv)
+        kb, vb = _band(k, r0, r1, kbuf), _band(v, r0, r1, vbuf)
+        for j, (c0, c1, dc) in enumerate(cols):
+            nc = c1 - c0
+            nk = nc * nr
+            extra = int(o_logits is not None and nk < win * win)
+            Q, Vw = Qb[:, i, j], vb[:, c0 * nr:c1 * nr]
+            Kw = kb[:, c0 * nr:c1 * nr + extra]       # + extra: the next row, its logit is overwritten
+            o = o_logits[:, i, j] if extra else None
+            if rel is not None:   # key (c, r) of the run: lw[c] + lh[r]
+                bias = (rel[:, i, j, :, 1, dc:dc + nc, None], rel[:, i, j, :, 0, None, dr:dr + nr])
+            if inplace:
+                S = ws[:BH * nq * (nk + extra)].view(BH, nq, nk + extra)
+                if rel is not None:
+                    torch.add(*bias, out=S[..., :nk].unflatten(-1, (nc, nr)))
+                    S.baddbmm_(Q, Kw.transpose(1, 2), alpha=scale)
+                else:
+                    torch.bmm(Q, Kw.transpose(1, 2), out=S).mul_(scale)
+                if extra:
+                    S[..., nk] = o
+            else:
+                S = torch.bmm(Q, Kw[:, :nk].transpose(1, 2)) * scale
+                if rel is not None:
+                    S = S + (bias[0] + bias[1]).flatten(-2)
+                if extra:
+                    S = torch.cat([S, o.expand(BH, nq)[..., None]], -1)
+            if _half(S):     # softmax in fp32, as the reference
+                P = torch.softmax(S, -1, dtype=torch.float32).to(S.dtype)
+            elif inplace:    # row-wise kernel: reading and writing the same row is safe
+                P = torch.ops.aten._softmax.out(S, -1, False, out=S)
+            else:
+                P = torch.softmax(S, -1)
+            if inplace:
+                torch.bmm(P[..., :nk], Vw, out=outs[i, j])
+            else:
+                outs.append(torch.bmm(P[..., :nk], Vw))
+    if not inplace:
+        outs = torch.stack(outs).view(nbh, nbw, BH, nq, Dv)
+    # (i, j, B, h, b(col), a(row), Dv) -> NHWC (B, i * bq + a, j * bq + b, h, Dv)
+    o = outs.view(nbh, nbw, B, h, bq, bq, Dv).permute(2, 0, 5, 1, 4, 3, 6).reshape(B, nbh * bq, nbw * bq, h, Dv)
+    return o[:, :Hq, :Wq].permute(0, 3, 4, 1, 2)

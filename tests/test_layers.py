@@ -1,0 +1,80 @@
+"""The oneDNN route of linear layers (ops._onednn.linear, backbones.layers.Linear)."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import backbones  # noqa: F401  (registers the models)
+from backbones import layers
+from ops import _onednn
+from backbones._registry import MODELS, families
+
+
+def _onednn_used(monkeypatch):
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(_onednn.F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize('shape,bias', [((512, 96), True), ((2, 300, 64), False), ((3, 7, 11, 40), True),
+                                        ((4, 2, 8), True)])        # the last one is small: F.linear
+def test_linear_equals_f_linear_forward_and_grads(monkeypatch, shape, bias):
+    torch.manual_seed(0)
+    K, N = shape[-1], 72
+    x = torch.randn(*shape, requires_grad=True)
+    w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
+    b = torch.randn(N, requires_grad=True) if bias else None
+    calls = _onednn_used(monkeypatch)
+    y = layers.linear(x, w, b)
+    assert bool(calls) == (x.numel() > max(20480, 64 * K))
+    ref = F.linear(x, w, b)
+    assert y.shape == ref.shape and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    exp = torch.autograd.grad(ref, [t for t in (x, w, b) if t is not None], g)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_non_contiguous_input_and_fallbacks(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(40, 700, 64).transpose(0, 1)          # rows not contiguous
+    w, b = torch.randn(32, 64), torch.randn(32)
+    calls = _onednn_used(monkeypatch)
+    torch.testing.assert_close(layers.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls
+    calls.clear()
+    layers.linear(x.double(), w.double(), b.double())      # other dtypes: F.linear
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layers.linear(x, w, b).dtype == torch.bfloat16
+    monkeypatch.setattr(_onednn, "_ONEDNN_LINEAR", False)   # MIXZOO_ONEDNN_LINEAR=0
+    layers.linear(x, w, b)
+    assert not calls
+
+
+def test_every_model_linear_is_the_onednn_linear_with_nn_linear_keys():
+    for family in families():
+        name = min((n for n, i in MODELS.items() if i.family == family), key=lambda n: MODELS[n].params_m or 1e9)
+        m = timm.create_model(name)
+        linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+        assert linears and all(type(mod) is layers.Linear for mod in linears), name
+        ref = nn.Linear(4, 3)
+        mod = layers.Linear(4, 3)
+        assert mod.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_disabled_scope_and_counting_report_linear_as_addmm(monkeypatch):
+    from backbones._counting import gmacs
+    x, w = torch.randn(700, 64), torch.randn(32, 64)
+    calls = _onednn_used(monkeypatch)
+    with _onednn.disabled():
+        layers.linear(x, w)
+    assert not calls
+    layers.linear(x, w)
+    assert calls
+    m = timm.create_model('mz_davit_tiny')
+    _, ops = gmacs(m, (64, 64), by_op=True)
+    assert ops.get('addmm', 0) > 0.5 * sum(ops.values())   # the linear layers, counted as linear
