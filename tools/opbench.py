@@ -7,10 +7,11 @@ Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the running sum of 
 per-op self allocations (memory alive beyond the inputs during the call).
 """
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -49,9 +50,12 @@ def peak_mb(fn: Callable, device: str) -> float:
     return peak / 2 ** 20
 
 
-def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = True) -> Dict[str, float]:
-    """Best seconds of each callable over ``reps`` interleaved rounds (one warm-up call each first)."""
+def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = True,
+              medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Best seconds of each callable over ``reps`` interleaved rounds (one warm-up call each first);
+    the medians go into ``medians`` when given."""
     best = {k: float('inf') for k in fns}
+    times = {k: [] for k in fns}
     for f in fns.values() if warmup else ():
         f()
     for _ in range(reps):
@@ -62,7 +66,10 @@ def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = T
             f()
             if device == 'cuda':
                 torch.cuda.synchronize()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t0)
+            best[k] = min(best[k], times[k][-1])
+    if medians is not None:
+        medians.update({k: statistics.median(v) for k, v in times.items()})
     return best
 
 
@@ -131,14 +138,16 @@ def halo(args):
             base_key = 'timm HaloAttn'
         else:
             base_key = None
-        t = best_time(fns, args.reps, dev)
+        med = {}
+        t = best_time(fns, args.reps, dev, medians=med)
         print(f'\nhalo attention module, halonet26t stage-3 shape at {img} input: ({args.batch_size}, 256, {hw}, '
               f'{hw}), 8 heads, block 8, halo 2 ({"forward+backward" if args.backward else "forward"}, '
-              f'best of {args.reps})' + ('' if base_key else ' -- timm cannot run this size (needs multiples of 8)'))
-        print(f'  {"implementation":28s} {"ms":>9s} {"peak MB":>9s} {"speed vs timm":>14s}')
+              f'best and median of {args.reps} interleaved)'
+              + ('' if base_key else ' -- timm cannot run this size (needs multiples of 8)'))
+        print(f'  {"implementation":28s} {"ms":>9s} {"median":>9s} {"peak MB":>9s} {"speed vs timm":>14s}')
         for k, f in fns.items():
             ratio = f'{t[base_key] / t[k]:.2f}x' if base_key else '-'
-            print(f'  {k:28s} {t[k] * 1e3:9.2f} {peak_mb(f, dev):9.1f} {ratio:>14s}')
+            print(f'  {k:28s} {t[k] * 1e3:9.2f} {med[k] * 1e3:9.2f} {peak_mb(f, dev):9.1f} {ratio:>14s}')
 
 
 def neighborhood(args):
