@@ -68,7 +68,9 @@ def conv_bn_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, pre_bn: nn.BatchNorm2d =
 
     Computed from the live parameters on each call (cheap next to the activations), so it stays
     differentiable w.r.t. the conv and BN affine weights (frozen-BN fine-tuning keeps working) and
-    never goes stale. ``pre_bn`` may only precede an unpadded 1x1 convolution."""
+    never goes stale (a cache keyed on version counters was tried and dropped: ``p.data.copy_``
+    does not bump them, so it could serve stale weights). ``pre_bn`` may only precede an unpadded
+    1x1 convolution."""
     w, b = conv.weight, conv.bias
     if pre_bn is not None:
         assert conv.kernel_size == (1, 1) and conv.groups == 1
@@ -141,14 +143,17 @@ class ConvNorm(nn.Module):
 
 
 class Residual(nn.Module):
-    """``x + m(x)``; fusing a residual depthwise ConvNorm folds the identity into the kernel centre."""
+    """``x + m(x)``; fusing a residual depthwise ConvNorm folds the identity into the kernel centre.
+    The sum is taken in place in m's output (a fresh tensor from a conv / norm that autograd does not
+    keep): a new activation-sized tensor per residual costs page faults on CPU."""
 
     def __init__(self, m: nn.Module):
         super().__init__()
         self.m = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.m(x)
+        y = self.m(x)
+        return x + y if y is x else y.add_(x)
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:

@@ -29,7 +29,7 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.pw1 = ConvNorm(dim, hidden)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
         self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +43,9 @@ class PatchMerging(nn.Module):
         super().__init__()
         hid = dim * 4
         self.conv1 = ConvNorm(dim, hid)
-        self.act1 = nn.ReLU()
+        self.act1 = nn.ReLU(inplace=True)
         self.conv2 = ConvNorm(hid, hid, 3, 2, 1, groups=hid)
-        self.act2 = nn.ReLU()
+        self.act2 = nn.ReLU(inplace=True)
         self.se = SEModule(hid, rd_ratio=0.25)
         self.conv3 = ConvNorm(hid, out_dim)
 
@@ -115,8 +115,8 @@ class SHViT(StagedModelMixin, nn.Module):
         self.grad_checkpointing = False
         c = embed_dim[0]
         self.patch_embed = nn.Sequential(
-            ConvNorm(in_chans, c // 8, 3, 2, 1), nn.ReLU(), ConvNorm(c // 8, c // 4, 3, 2, 1), nn.ReLU(),
-            ConvNorm(c // 4, c // 2, 3, 2, 1), nn.ReLU(), ConvNorm(c // 2, c, 3, 2, 1))
+            ConvNorm(in_chans, c // 8, 3, 2, 1), nn.ReLU(True), ConvNorm(c // 8, c // 4, 3, 2, 1), nn.ReLU(True),
+            ConvNorm(c // 4, c // 2, 3, 2, 1), nn.ReLU(True), ConvNorm(c // 2, c, 3, 2, 1))
         stages, self.feature_info, prev = [], [], c
         for i, (dim, pdim, d, t) in enumerate(zip(embed_dim, partial_dim, depth, types)):
             blocks = [SHViTBlock(dim, qk_dim, pdim, t == 's') for _ in range(d)]

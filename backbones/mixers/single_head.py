@@ -18,7 +18,7 @@ class SingleHeadAttention(nn.Module):
         self.scale = qk_dim ** -0.5
         self.pre_norm = GroupNorm1(pdim)
         self.qkv = ConvNorm(pdim, qk_dim * 2 + pdim)
-        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(dim, dim, bn_weight_init=0.))
+        self.proj = nn.Sequential(nn.ReLU(inplace=True), ConvNorm(dim, dim, bn_weight_init=0.))   # on a fresh cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
