@@ -15,12 +15,16 @@ are written into one buffer in place. The output is an NHWC buffer returned as a
 view, so a channels_last caller keeps channels_last maps.
 
 Measured (CPU, 2 threads, halonet26t stage 3, batch 8, 16 x 16, module with its 1x1 projections,
-NHWC input, best of 40-60 interleaved calls in one process): 6.4-7.5 ms, vs 7.1-9.9 ms for the
-previous formulation (full windows through SDPA with a materialised bias; 28.9 -> 18.3 MB); timm's
-HaloAttn 10.4-10.9 ms when glibc recycles its buffers, 14.6-26 ms when they page-fault afresh.
-Forward + backward 25.3 ms (was 31.3). Tried and dropped: gathering the relative logits as strided
-views plus indicator-matmul sums (same speed), SDPA on augmented q/k instead of a bias (slower at
-head dim 56), grouped 1x1 convolutions to reach oneDNN for the batched products (8x slower).
+NHWC input, best of 60 interleaved calls in one process, glibc told not to return memory so that no
+one page-faults): 6.3 ms vs timm's HaloAttn 10.6-10.9 (1.69-1.73x) and 7.1-9.9 ms for the previous
+formulation (full windows through SDPA with a materialised bias); peak 28.9 -> 18.3 MB. With glibc's
+defaults timm's fresh temporaries often page-fault (14.6-26 ms, 2.3-3.1x); this path barely moves.
+Forward + backward 25.3 ms (was 31.3). Where the 6.3 ms go: projections 1.6 (oneDNN at this CPU's
+peak, as timm's), per window (x4) baddbmm 0.17 + bias 0.12 + softmax 0.18 + bmm 0.15 (MKL's batched
+products: ~160 GFLOP/s on AMD), out-of-map logits ~0.5, relative tables ~0.4, layout copies ~0.6.
+Tried and dropped: strided-view relative tables (same speed), SDPA on q/k augmented with one-hot
+position columns instead of a bias (slower at head dim 56), grouped 1x1 convolutions to reach
+oneDNN for the batched products (8x slower).
 """
 import torch
 import torch.nn.functional as F
@@ -41,12 +45,12 @@ def _spans(n_blocks: int, block: int, halo: int, size: int):
 
 
 def _query_blocks(q: torch.Tensor, bq: int, nbh: int, nbw: int) -> torch.Tensor:
-    """(B, h, D, Hq, Wq) -> (B * h, nbh, nbw, bq * bq, D): block (i, j) in (column, row) order."""
+    """(B, h, D, Hq, Wq) -> (nbh, nbw, B * h, bq * bq, D): block (i, j), queries in (column, row) order."""
     B, h, D, Hq, Wq = q.shape
     if (Hq, Wq) != (nbh * bq, nbw * bq):
         q = F.pad(q, (0, nbw * bq - Wq, 0, nbh * bq - Hq))
-    blocks = q.unflatten(4, (nbw, bq)).unflatten(3, (nbh, bq)).permute(0, 1, 3, 5, 6, 4, 2)
-    return blocks.reshape(B * h, nbh, nbw, bq * bq, D)
+    blocks = q.unflatten(4, (nbw, bq)).unflatten(3, (nbh, bq)).permute(3, 5, 0, 1, 6, 4, 2)
+    return blocks.reshape(nbh, nbw, B * h, bq * bq, D)
 
 
 def _band(t: torch.Tensor, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,7 @@ def _band(t: torch.Tensor, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
 
 def _rel_tables(Qb: torch.Tensor, rel_h, rel_w, bq: int, win: int) -> torch.Tensor:
     """Relative logits of every query against every window row and column, gathered from one small
-    GEMM: (BH, nbh, nbw, nq, 2, win), [..., 0, r] = q . rel_h[r - a + win - 1] and
+    GEMM: (nbh, nbw, BH, nq, 2, win), [..., 0, r] = q . rel_h[r - a + win - 1] and
     [..., 1, c] = q . rel_w[c - b + win - 1] for the query at (row a, col b) of its block."""
     L = linear(Qb, torch.cat([rel_h, rel_w]).to(Qb.dtype)).unflatten(3, (bq, bq))   # (.., b, a, 2T)
     T = 2 * win - 1
@@ -77,29 +81,27 @@ def _rel_tables(Qb: torch.Tensor, rel_h, rel_w, bq: int, win: int) -> torch.Tens
 
 def _outside_logits(rel, rows, cols, win: int, dtype, device) -> torch.Tensor:
     """log sum over each window's out-of-map keys (r, c) of exp(lh[r] + lw[c]) -- zero keys, so the
-    logit is the relative part alone -- for every window at once: (BH | 1, nbh, nbw, nq | 1).
+    logit is the relative part alone -- for every window at once: (nbh, nbw, BH | 1, nq | 1).
     sum = A_out * (B_in + B_out) + A_in * B_out with A / B the sums of exp over the window's
-    out-of-map / in-map rows and columns (each term summed directly: no cancellation)."""
-    spans = (rows, cols)
+    out-of-map / in-map rows and columns (each term summed directly: no cancellation); one bmm
+    against 0/1 indicators gives the four sums of every window (few ops: short reductions are slow)."""
+    ind = [[[0.] * 4 for _ in range(2 * win)] for _ in range(len(rows) * len(cols))]
+    for i, (r0, r1, dr) in enumerate(rows):
+        for j, (c0, c1, dc) in enumerate(cols):
+            for axis, (d, n) in enumerate(((dr, r1 - r0), (dc, c1 - c0))):
+                for w in range(win):
+                    ind[i * len(cols) + j][axis * win + w][2 * axis + (0 if d <= w < d + n else 1)] = 1.
+    ind = torch.tensor(ind, dtype=dtype, device=device)                  # (nblk, 2 win, [a_in a_out b_in b_out])
     if rel is None:   # logit 0 each: log of the count
-        n_in = torch.tensor([[(r1 - r0) * (c1 - c0) for c0, c1, _ in cols] for r0, r1, _ in rows], device=device)
-        return (win * win - n_in).to(dtype).log()[None, :, :, None]
-    # window position first and queries innermost: sums over 12-odd positions are several times
-    # faster with a long contiguous inner dimension (one transposing copy pays for it)
-    relT = rel.permute(4, 5, 1, 2, 0, 3).contiguous()                   # (row/col, win, nbh, nbw, BH, nq)
-    m = relT.amax(1, keepdim=True)
-    E = (relT - m).exp_()
-    sums = []                                                            # [row/col][in/out] (nbh, nbw, BH, nq)
-    for axis in (0, 1):
-        s_in, s_out = [], []
-        for n, (a, b, d) in enumerate(spans[axis]):
-            e = E[axis, :, n] if axis == 0 else E[axis, :, :, n]        # (win, nb_other, BH, nq)
-            s_in.append(e[d:d + b - a].sum(0))
-            s_out.append(e[:d].sum(0) + e[d + b - a:].sum(0))
-        sums.append([torch.stack(t, axis) for t in (s_in, s_out)])
-    (a_in, a_out), (b_in, b_out) = sums
-    lse = (a_out * (b_in + b_out) + a_in * b_out).log() + m[0, 0] + m[1, 0]   # (nbh, nbw, BH, nq)
-    return lse.permute(2, 0, 1, 3)
+        n_out = ind[:, :win, 1].sum(-1) * win + ind[:, :win, 0].sum(-1) * ind[:, win:, 3].sum(-1)
+        return n_out.log().view(len(rows), len(cols), 1, 1)
+    nbh, nbw, BH, nq = rel.shape[:4]
+    R = rel.view(nbh * nbw, BH * nq, 2, win)
+    m = R.amax(-1, keepdim=True)
+    E = (R - m).exp_()
+    a_in, a_out, b_in, b_out = torch.bmm(E.view(nbh * nbw, BH * nq, 2 * win), ind).unbind(-1)
+    lse = (a_out * (b_in + b_out) + a_in * b_out).log() + m.sum((-2, -1))
+    return lse.view(nbh, nbw, BH, nq)
 
 
 def _half(t: torch.Tensor) -> bool:
@@ -114,7 +116,7 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
     BH, nq = B * h, bq * bq
     inplace = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w)))
-    Qb = _query_blocks(q, bq, nbh, nbw)                                  # (BH, nbh, nbw, nq, D)
+    Qb = _query_blocks(q, bq, nbh, nbw)                                  # (nbh, nbw, BH, nq, D)
     rel = _rel_tables(Qb, rel_h, rel_w, bq, win) if rel_h is not None else None
     rows, cols = _spans(nbh, block, halo, H), _spans(nbw, block, halo, W)
     o_logits = _outside_logits(rel, rows, cols, win, q.dtype, q.device) if border == 'zero_pad' else None
@@ -135,11 +137,11 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
             nc = c1 - c0
             nk = nc * nr
             extra = int(o_logits is not None and nk < win * win)
-            Q, Vw = Qb[:, i, j], vb[:, c0 * nr:c1 * nr]
+            Q, Vw = Qb[i, j], vb[:, c0 * nr:c1 * nr]
             Kw = kb[:, c0 * nr:c1 * nr + extra]       # + extra: the next row, its logit is overwritten
-            o = o_logits[:, i, j] if extra else None
+            o = o_logits[i, j] if extra else None
             if rel is not None:   # key (c, r) of the run: lw[c] + lh[r]
-                bias = (rel[:, i, j, :, 1, dc:dc + nc, None], rel[:, i, j, :, 0, None, dr:dr + nr])
+                bias = (rel[i, j, :, :, 1, dc:dc + nc, None], rel[i, j, :, :, 0, None, dr:dr + nr])
             if inplace:
                 S = ws[:BH * nq * (nk + extra)].view(BH, nq, nk + extra)
                 if rel is not None:
