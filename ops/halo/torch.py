@@ -109,7 +109,7 @@ def _half(t: torch.Tensor) -> bool:
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad'):
-    stride, bq, win, nbh, nbw, Hp, Wp = G.dims(q, k, block, halo)
+    _, bq, win, nbh, nbw, _, _ = G.dims(q, k, block, halo)
     B, h, D, H, W = k.shape
     Dv, Hq, Wq = v.shape[2], q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
