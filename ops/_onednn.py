@@ -27,12 +27,12 @@ def _autocast_cpu() -> bool:
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
     if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and _ONEDNN_LINEAR):
         return False
     if x.numel() <= max(20480, 64 * x.shape[-1]):
         return False   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _autocast_cpu()
 
 

@@ -78,3 +78,11 @@ def test_disabled_scope_and_counting_report_linear_as_addmm(monkeypatch):
     m = timm.create_model('mz_davit_tiny')
     _, ops = gmacs(m, (64, 64), by_op=True)
     assert ops.get('addmm', 0) > 0.5 * sum(ops.values())   # the linear layers, counted as linear
+
+
+def test_fx_trace_and_compile_keep_plain_linear():
+    m = layers.Linear(64, 32)
+    gm = torch.fx.symbolic_trace(m)                      # checks the tracer before touching the Proxy
+    x = torch.randn(700, 64)
+    torch.testing.assert_close(gm(x), F.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
+    assert 'conv2d' not in gm.code
