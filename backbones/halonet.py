@@ -93,8 +93,9 @@ class HaloBlock(nn.Module):
 
 def _residual(act: nn.Module, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """act(y + shortcut), adding in place into ``y`` (a fresh block output nothing else holds): at
-    256 input the stage-1 maps are 32 MB, and a new tensor per add costs page faults on CPU."""
-    return act(y.add_(shortcut))
+    256 input the stage-1 maps are 32 MB, and a new tensor per add costs page faults on CPU. Mixed
+    dtypes (autocast) keep the out-of-place sum and its type promotion."""
+    return act(y.add_(shortcut) if y.dtype == shortcut.dtype else y + shortcut)
 
 
 def _shortcut(in_chs: int, out_chs: int, stride: int, act) -> nn.Module:

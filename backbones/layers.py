@@ -153,7 +153,7 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.m(x)
-        return x + y if y is x else y.add_(x)
+        return y.add_(x) if y is not x and y.dtype == x.dtype else x + y   # mixed dtypes (autocast): promote
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
