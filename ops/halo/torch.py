@@ -159,7 +159,7 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
                     S = torch.cat([S, o.expand(BH, nq)[..., None]], -1)
             if _half(S):     # softmax in fp32, as the reference
                 P = torch.softmax(S, -1, dtype=torch.float32).to(S.dtype)
-            elif inplace:    # row-wise kernel: reading and writing the same row is safe
+            elif inplace and S.device.type == 'cpu':    # CPU's row-wise kernel reads a row before writing it
                 P = torch.ops.aten._softmax.out(S, -1, False, out=S)
             else:
                 P = torch.softmax(S, -1)
