@@ -67,6 +67,4 @@ def rel_logits(qb: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, bq: i
     lead = lh.shape[:-3]
     gh = torch.gather(lh, -1, idx[:, None, :].expand(*lead, bq, bq, win))   # (..., a, b, r)
     gw = torch.gather(lw, -1, idx[None, :, :].expand(*lead, bq, bq, win))   # (..., a, b, c)
-    # contiguous operands: from strided q views (the band layout) the broadcast add would otherwise
-    # produce a layout that makes it, and SDPA's reads of the mask, several times slower on CPU
-    return (gh.contiguous()[..., :, None] + gw.contiguous()[..., None, :]).reshape(*lead, bq * bq, win * win)
+    return (gh[..., :, None] + gw[..., None, :]).reshape(*lead, bq * bq, win * win)

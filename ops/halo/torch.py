@@ -71,11 +71,9 @@ def _rel_tables(Qb: torch.Tensor, rel_h, rel_w, bq: int, win: int) -> torch.Tens
     GEMM: (nbh, nbw, BH, nq, 2, win), [..., 0, r] = q . rel_h[r - a + win - 1] and
     [..., 1, c] = q . rel_w[c - b + win - 1] for the query at (row a, col b) of its block."""
     L = linear(Qb, torch.cat([rel_h, rel_w]).to(Qb.dtype)).unflatten(3, (bq, bq))   # (.., b, a, 2T)
-    T = 2 * win - 1
-    r = torch.arange(win, device=Qb.device)
-    a = torch.arange(bq, device=Qb.device)
-    idx = torch.stack([(r - a[None, :, None] + win - 1).expand(bq, bq, win),          # (b, a, r)
-                       (r - a[:, None, None] + win - 1 + T).expand(bq, bq, win)], 2)   # (b, a, c)
+    idx = G.rel_index(bq, win, Qb.device)                                # (offset in block, window pos)
+    idx = torch.stack([idx[None, :, :].expand(bq, bq, win),                            # (b, a, r): by row a
+                       idx[:, None, :].expand(bq, bq, win) + 2 * win - 1], 2)          # (b, a, c): by col b
     return torch.gather(L, -1, idx.flatten(-2).expand(*L.shape[:-1], 2 * win)).unflatten(-1, (2, win)).flatten(3, 4)
 
 
@@ -85,17 +83,17 @@ def _outside_logits(rel, rows, cols, win: int, dtype, device) -> torch.Tensor:
     sum = A_out * (B_in + B_out) + A_in * B_out with A / B the sums of exp over the window's
     out-of-map / in-map rows and columns (each term summed directly: no cancellation); one bmm
     against 0/1 indicators gives the four sums of every window (few ops: short reductions are slow)."""
-    ind = [[[0.] * 4 for _ in range(2 * win)] for _ in range(len(rows) * len(cols))]
-    for i, (r0, r1, dr) in enumerate(rows):
-        for j, (c0, c1, dc) in enumerate(cols):
-            for axis, (d, n) in enumerate(((dr, r1 - r0), (dc, c1 - c0))):
-                for w in range(win):
-                    ind[i * len(cols) + j][axis * win + w][2 * axis + (0 if d <= w < d + n else 1)] = 1.
-    ind = torch.tensor(ind, dtype=dtype, device=device)                  # (nblk, 2 win, [a_in a_out b_in b_out])
+    nbh, nbw = len(rows), len(cols)
     if rel is None:   # logit 0 each: log of the count
-        n_out = ind[:, :win, 1].sum(-1) * win + ind[:, :win, 0].sum(-1) * ind[:, win:, 3].sum(-1)
-        return n_out.log().view(len(rows), len(cols), 1, 1)
-    nbh, nbw, BH, nq = rel.shape[:4]
+        n_out = [[win * win - (r1 - r0) * (c1 - c0) for c0, c1, _ in cols] for r0, r1, _ in rows]
+        return torch.tensor(n_out, dtype=dtype, device=device).log().view(nbh, nbw, 1, 1)
+    r_in, c_in = (torch.tensor([[d <= w < d + b - a for w in range(win)] for a, b, d in spans], device=device)
+                  for spans in (rows, cols))                             # (blocks, win) bool
+    ind = torch.zeros(nbh, nbw, 2 * win, 4, dtype=dtype, device=device)  # [a_in a_out b_in b_out]
+    ind[:, :, :win, 0], ind[:, :, :win, 1] = r_in[:, None], ~r_in[:, None]
+    ind[:, :, win:, 2], ind[:, :, win:, 3] = c_in[None], ~c_in[None]
+    ind = ind.view(nbh * nbw, 2 * win, 4)
+    BH, nq = rel.shape[2:4]
     R = rel.view(nbh * nbw, BH * nq, 2, win)
     m = R.amax(-1, keepdim=True)
     E = (R - m).exp_()
