@@ -10,6 +10,8 @@ setup(
     long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['backbones', 'backbones.*', 'ops', 'ops.*']),
+    # C kernels are compiled on first use (ops/_native.py), so their sources ship with the package
+    package_data={'ops': ['*/*.c']},
     python_requires='>=3.10',
     # the checkpoint manifest lives at the top level (checkpoints/); installed copies find it here
     data_files=[('share/mixzoo/checkpoints', ['checkpoints/manifest.json'])],

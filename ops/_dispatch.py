@@ -238,6 +238,14 @@ def empty(*shape, dtype, device) -> torch.Tensor:
 
 # ---- shared availability checks --------------------------------------------------------------
 
+def tracing() -> bool:
+    """Inside torch.jit scripting, torch.compile / export or FX symbolic tracing: paths that call
+    opaque kernels on raw data (or pick layers by data) must step aside for the traceable ones."""
+    import torch.fx
+    return (torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+
+
 def triton_interpret() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 

@@ -5,8 +5,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.fx
 import torch.nn.functional as F
+
+from ._dispatch import tracing
 
 _ONEDNN_LINEAR = os.environ.get('MIXZOO_ONEDNN_LINEAR', '1') != '0'
 
@@ -27,7 +28,7 @@ def _autocast_cpu() -> bool:
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    if tracing():
         return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
     if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and _ONEDNN_LINEAR):
         return False

@@ -20,6 +20,7 @@ import importlib
 from typing import Optional
 
 from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
+from . import cpu as _cpu
 from . import reference as _reference
 from .geometry import BORDERS
 
@@ -41,6 +42,10 @@ register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices
                  check=triton_interpreter_limits,
                  doc='fused forward + backward reading the halo window from the map (no unfolded K/V); '
                      'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
+register(Backend(OP, 'cpu', _cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
+                 available=_cpu.unavailable, check=_cpu.check,
+                 doc='fused C kernel (compiled on first use, cached): window gather, q.k with the relative '
+                     'logits in one product, softmax, values; CPU fp32 inference'))
 register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='batched matmuls over the in-map keys of each window; zero border keys as one closed-form logit'))
 register(Backend(OP, 'reference', _reference.halo_attention, dtypes=_FLOATS + (torch.float64,),

@@ -1,0 +1,315 @@
+/* Halo attention forward, fp32, CPU: one fused pass per (image, head, query block).
+ *
+ * Built on first use by ops/_native.py (cc -O3 -march=native -fopenmp) and called through ctypes
+ * from ops/halo/cpu.py; see there for the contract. Per task the window's in-map keys are gathered
+ * once, transposed and pre-scaled, beside the relative-position tables, so that one register-blocked
+ * product gives every query's q.k logits *and* its row/column relative logits; the bias add, the
+ * softmax (with timm's zero border keys as one closed-form term) and the product with the values
+ * follow while the tile is still in L1. GCC vector extensions: AVX-512 / AVX2 / NEON as -march gives.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define VL 16
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+static inline int round_up(int n) { return (n + VL - 1) / VL * VL; }
+
+static inline vf vsplat(float x) { return x - (vf){0}; }
+
+static inline vf vload(const float *p) {   /* unaligned */
+    vf x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+
+/* Lane masks, selects, reductions, exp: AVX-512 instructions where -march has them, else plain
+ * vector-extension code (any target). ``lmask`` supports & and ~. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+typedef __mmask16 lmask;
+static inline lmask lanes_below(int n) { return n >= VL ? 0xFFFF : n <= 0 ? 0 : (lmask)((1u << n) - 1); }
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+static inline vf vsel(lmask m, vf a, vf b) { return (vf)_mm512_mask_blend_ps(m, (__m512)b, (__m512)a); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+static inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline vf vround(vf x) { return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf p, vf n) { return (vf)_mm512_scalef_ps((__m512)p, (__m512)n); }   /* p 2^n */
+#else
+typedef vi lmask;
+static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static inline lmask lanes_below(int n) { return LANE < n; }
+static inline vf vsel(lmask m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a < b, b, a); }
+#define SWAP(v, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p) \
+    __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p)
+#define HREDUCE(v, OP)                                                              \
+    v = OP(v, SWAP(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));      \
+    v = OP(v, SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));      \
+    v = OP(v, SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));      \
+    v = OP(v, SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline float hsum(vf v) { HREDUCE(v, vadd) return v[0]; }
+static inline float hmax(vf v) { HREDUCE(v, vmax) return v[0]; }
+static inline vf vround(vf x) { return (x + 12582912.0f) - 12582912.0f; }   /* |x| < 2^22 */
+static inline vf vscale2(vf p, vf n) { return (vf)((vi)p + (__builtin_convertvector(n, vi) << 23)); }
+#endif
+
+static inline lmask lanes_in(int lo, int hi) { return lanes_below(hi) & ~lanes_below(lo); }
+
+/* exp for x <= 0 (arguments are logits minus their row maximum): 2^n p(r), r in [-ln2/2, ln2/2],
+ * degree-7 Taylor polynomial (relative error < 1e-8 before rounding). Below -86 the result is
+ * ~1e-38 of the row maximum's weight, i.e. zero for the sums it enters. */
+static inline vf vexp(vf x) {
+    x = vmax(x, vsplat(-86.0f));
+    const vf n = vround(x * 1.44269504088896341f);
+    const vf r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    vf p = vsplat(1.0f / 5040);
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return vscale2(p, n);
+}
+
+/* C (MR x NV*VL) = A (MR x K, row stride lda) @ B (K x NV*VL, row stride ldb); B and C 64-byte
+ * aligned. One function per tile shape so the accumulators live in registers. */
+#define TILE(MR, NV)                                                                              \
+    static void tile_##MR##x##NV(int K, const float *restrict A, long lda, const float *restrict B, \
+                                 long ldb, float *restrict C, long ldc) {                         \
+        vf acc[MR][NV];                                                                           \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                     \
+        for (int k = 0; k < K; k++) {                                                             \
+            vf b[NV];                                                                             \
+            for (int j = 0; j < NV; j++) b[j] = *(const vf *)(B + k * ldb + j * VL);              \
+            for (int i = 0; i < MR; i++) {                                                        \
+                vf a = vsplat(A[i * lda + k]);                                                    \
+                for (int j = 0; j < NV; j++) acc[i][j] += a * b[j];                               \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) *(vf *)(C + i * ldc + j * VL) = acc[i][j];               \
+    }
+TILE(4, 4) TILE(4, 3) TILE(8, 2) TILE(8, 1) TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+
+/* C (M x N) = A (M x K) @ B (K x N), N a multiple of VL. */
+static void gemm(int M, int N, int K, const float *A, long lda, const float *B, long ldb, float *C, long ldc) {
+    for (int j = 0; j < N; j += 4 * VL) {
+        int nv = (N - j) / VL < 4 ? (N - j) / VL : 4, i = 0;
+        const float *b = B + j;
+        float *c = C + j;
+        switch (nv) {
+        case 4:
+            for (; i + 4 <= M; i += 4) tile_4x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 3:
+            for (; i + 4 <= M; i += 4) tile_4x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 2:
+            for (; i + 8 <= M; i += 8) tile_8x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        default:
+            for (; i + 8 <= M; i += 8) tile_8x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+        }
+    }
+}
+
+/* Softmax numerator of one row in place: s[0, n) = exp(s[0, n) - m), zero up to the next vector
+ * boundary (s aligned, room for it); returns the sum. */
+static float exp_row(float *s, int n, float m) {
+    vf acc = {0};
+    for (int i = 0; i < n; i += VL) {
+        vf e = vsel(lanes_below(n - i), vexp(*(vf *)(s + i) - m), (vf){0});
+        *(vf *)(s + i) = e;
+        acc += e;
+    }
+    return hsum(acc);
+}
+
+static float max_row(const float *s, int n) {
+    vf mv = vsplat(-INFINITY);
+    for (int i = 0; i < n; i += VL) mv = vmax(mv, vsel(lanes_below(n - i), *(const vf *)(s + i), mv));
+    return hmax(mv);
+}
+
+/* Sums of exp(x[w] - max) over the window rows (or columns) w in [lo, hi) and outside it; x has
+ * win <= VL entries (the vector may read past them: masked). Returns the max. */
+static float exp_split(const float *x, int win, int lo, int hi, float *in, float *out) {
+    const lmask inwin = lanes_below(win), inmap = lanes_in(lo, hi);
+    const vf v = vload(x);
+    const float m = hmax(vsel(inwin, v, vsplat(-INFINITY)));
+    const vf e = vexp(v - m);
+    *in = hsum(vsel(inmap, e, (vf){0}));
+    *out = hsum(vsel(inwin & ~inmap, e, (vf){0}));
+    return m;
+}
+
+/* The same for any win, one element at a time. */
+static float exp_split_scalar(const float *x, int win, int lo, int hi, float *in, float *out) {
+    float m = x[0], si = 0, so = 0;
+    for (int w = 1; w < win; w++) m = x[w] > m ? x[w] : m;
+    for (int w = 0; w < win; w++) {
+        const float e = expf(x[w] - m);
+        if (w >= lo && w < hi) si += e; else so += e;
+    }
+    *in = si, *out = so;
+    return m;
+}
+
+typedef struct { const float *p; long s[5]; } view5;   /* (B, heads, D, H, W) strides, in elements */
+
+static inline const float *at(const view5 *t, int b, int h, int d, int y, int x) {
+    return t->p + b * t->s[0] + h * t->s[1] + d * t->s[2] + y * t->s[3] + x * t->s[4];
+}
+
+/* dst[i] = src[i * stride] * mul, i < n */
+static inline void gather(float *restrict dst, const float *restrict src, long stride, int n, float mul) {
+    if (stride == 1)
+        for (int i = 0; i < n; i++) dst[i] = src[i] * mul;
+    else
+        for (int i = 0; i < n; i++) dst[i] = src[i * stride] * mul;
+}
+
+/* Returns 0, or 1 when a buffer could not be allocated. rel_h / rel_w: contiguous (2 win - 1, D) or
+ * NULL; out: written through its (B, heads, Dv, Hq, Wq) strides. */
+int mz_halo_forward(const float *q, const long *qs, const float *k, const long *ks, const float *v,
+                    const long *vs, float *out, const long *os, const float *rel_h, const float *rel_w,
+                    int B, int heads, int D, int Dv, int H, int W, int Hq, int Wq, int block, int halo,
+                    float scale, int zero_pad, int n_threads) {
+    const int stride = (H + Hq - 1) / Hq, bq = block / stride, win = block + 2 * halo;
+    const int nbh = (H + block - 1) / block, nbw = (W + block - 1) / block, nq = bq * bq;
+    const int T = rel_h ? 2 * win - 1 : 0, TP = round_up(2 * T), Dvp = round_up(Dv);
+    const int ld_max = round_up(win * win) + TP;
+    view5 Q = {.p = q}, K = {.p = k}, V = {.p = v}, O = {.p = out};
+    for (int i = 0; i < 5; i++) { Q.s[i] = qs[i]; K.s[i] = ks[i]; V.s[i] = vs[i]; O.s[i] = os[i]; }
+
+    /* relative tables transposed beside the keys: [d][t] = rel_h[t][d], [d][T + t] = rel_w[t][d] */
+    float *relT = NULL;
+    if (T) {
+        relT = aligned_alloc(64, sizeof(float) * D * TP);
+        if (!relT) return 1;
+        memset(relT, 0, sizeof(float) * D * TP);
+        for (int t = 0; t < T; t++)
+            for (int d = 0; d < D; d++) {
+                relT[d * TP + t] = rel_h[t * D + d];
+                relT[d * TP + T + t] = rel_w[t * D + d];
+            }
+    }
+    /* per thread; S rows get VL spare floats (the masked vector reads / writes of the bias add) */
+    const size_t n_qt = (size_t)round_up(nq * D), n_kt = (size_t)D * ld_max, n_vt = (size_t)win * win * Dvp,
+                 n_s = (size_t)nq * ld_max + VL, n_o = (size_t)nq * Dvp;
+    const size_t per_thread = n_qt + n_kt + n_vt + round_up(n_s) + n_o + round_up(nq);
+    const long n_tasks = (long)B * heads * nbh * nbw;
+    int failed = 0;
+
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * per_thread);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(buf, 0, sizeof(float) * per_thread);
+        }
+        float *qt = buf, *kt = qt + n_qt, *vt = kt + n_kt, *S = vt + n_vt, *ob = S + round_up(n_s),
+              *inv = ob + n_o;
+        int qa[nq], qb[nq];
+
+#pragma omp for schedule(static)
+        for (long task = 0; task < n_tasks; task++) {
+            if (!buf) continue;
+            const int j = task % nbw, i = task / nbw % nbh, hd = task / ((long)nbw * nbh) % heads,
+                      b = task / ((long)nbw * nbh * heads);
+            /* the window's rows / columns inside the map, and their offsets in the window */
+            const int y0 = i * block - halo, x0 = j * block - halo;
+            const int r0 = y0 > 0 ? y0 : 0, r1 = y0 + win < H ? y0 + win : H;
+            const int c0 = x0 > 0 ? x0 : 0, c1 = x0 + win < W ? x0 + win : W;
+            const int nr = r1 - r0, nc = c1 - c0, dr = r0 - y0, dc = c0 - x0;
+            const int nk = nr * nc, nkp = round_up(nk), ld = nkp + TP;
+            const int n_out = zero_pad ? win * win - nk : 0;
+
+            /* queries of this block inside the query map */
+            int n = 0;
+            for (int a = 0; a < bq; a++)
+                for (int c = 0; c < bq; c++) {
+                    const int y = i * bq + a, x = j * bq + c;
+                    if (y >= Hq || x >= Wq) continue;
+                    qa[n] = a, qb[n] = c;
+                    gather(qt + n * D, at(&Q, b, hd, 0, y, x), Q.s[2], D, 1.0f);
+                    n++;
+                }
+            /* keys transposed and scaled, then the relative tables: one product gives both */
+            for (int r = 0; r < nr; r++)
+                for (int c = 0; c < nc; c++) {
+                    const float *src = at(&K, b, hd, 0, r0 + r, c0 + c);
+                    float *dst = kt + r * nc + c;
+                    for (int d = 0; d < D; d++) dst[(long)d * ld] = scale * src[d * K.s[2]];
+                    gather(vt + (long)(r * nc + c) * Dvp, at(&V, b, hd, 0, r0 + r, c0 + c), V.s[2], Dv, 1.0f);
+                }
+            for (int d = 0; d < D; d++) {
+                float *row = kt + (long)d * ld;
+                for (int t = nk; t < nkp; t++) row[t] = 0;
+                if (T) memcpy(row + nkp, relT + d * TP, sizeof(float) * TP);
+            }
+            gemm(n, ld, D, qt, D, kt, ld, S, ld);
+
+            const lmask in_row = lanes_below(nc);
+            for (int t = 0; t < n; t++) {
+                float *s = S + (long)t * ld;
+                /* lh[w] / lw[w]: the query's relative logit to window row / column w */
+                const float *lh = s + nkp + (win - 1 - qa[t]), *lw = s + nkp + T + (win - 1 - qb[t]);
+                if (T && nc <= VL) {
+                    /* row r of the keys += lh[dr + r] + lw[dc:dc + nc]; lanes past the row add 0 */
+                    const vf lwv = vload(lw + dc);
+                    for (int r = 0; r < nr; r++)
+                        vstore(s + r * nc, vload(s + r * nc) + vsel(in_row, lwv + lh[dr + r], (vf){0}));
+                } else if (T) {
+                    for (int r = 0; r < nr; r++)
+                        for (int c = 0; c < nc; c++) s[r * nc + c] += lh[dr + r] + lw[dc + c];
+                }
+                float m = max_row(s, nk), mh = 0, mw = 0, a_in = 0, a_out = 0, b_in = 0, b_out = 0;
+                if (n_out && T) {
+                    float (*split)(const float *, int, int, int, float *, float *) =
+                        win <= VL ? exp_split : exp_split_scalar;
+                    mh = split(lh, win, dr, dr + nr, &a_in, &a_out);
+                    mw = split(lw, win, dc, dc + nc, &b_in, &b_out);
+                }
+                if (n_out && mh + mw > m) m = mh + mw;
+                float denom = exp_row(s, nk, m);
+                /* zero keys outside the map: logit lh[r] + lw[c], value 0. Their weights sum to
+                 * A_out (B_in + B_out) + A_in B_out, A / B the sums over the window's out-of-map /
+                 * in-map rows and columns (no cancellation). Without relative terms: n_out e^-m. */
+                if (n_out)
+                    denom += T ? (a_out * (b_in + b_out) + a_in * b_out) * expf(mh + mw - m) : n_out * expf(-m);
+                inv[t] = 1.0f / denom;
+            }
+            gemm(n, Dvp, nk, S, ld, vt, Dvp, ob, Dvp);
+            for (int t = 0; t < n; t++) {
+                float *o = (float *)at(&O, b, hd, 0, i * bq + qa[t], j * bq + qb[t]);
+                const float *src = ob + t * Dvp;
+                const float w = inv[t];
+                if (O.s[2] == 1)
+                    for (int e = 0; e < Dv; e++) o[e] = src[e] * w;
+                else
+                    for (int e = 0; e < Dv; e++) o[e * O.s[2]] = src[e] * w;
+            }
+        }
+        free(buf);
+    }
+    free(relT);
+    return failed;
+}
