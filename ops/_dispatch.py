@@ -82,7 +82,8 @@ class Backend:
 
     def reasons(self, call: Call, forced: bool = False) -> List[str]:
         out = []
-        why = self.available()
+        # availability can be costly to learn (imports, a first compile): only for a device it supports
+        why = self.available() if call.device in self.devices else None
         if why:
             out.append(why)
         devices = self.devices if forced or self.auto_devices is None else self.auto_devices
@@ -239,10 +240,11 @@ def empty(*shape, dtype, device) -> torch.Tensor:
 # ---- shared availability checks --------------------------------------------------------------
 
 def tracing() -> bool:
-    """Inside torch.jit scripting, torch.compile / export or FX symbolic tracing: paths that call
-    opaque kernels on raw data (or pick layers by data) must step aside for the traceable ones."""
+    """Inside torch.jit scripting / tracing, torch.compile / export or FX symbolic tracing: paths that
+    call opaque kernels on raw data (a trace would record their output as a constant) must step aside
+    for the traceable ones."""
     import torch.fx
-    return (torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 

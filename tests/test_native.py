@@ -85,7 +85,7 @@ def test_refuses_traced_calls_and_mixed_dtypes(monkeypatch):
     with pytest.raises(TypeError, match='must all be float32 CPU'):
         cpu.halo_attention(q, k.double(), v, block, halo, rh, rw)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    assert 'torch.compile' in ' '.join(cpu.check(_dispatch.Call.of(q)))
+    assert 'torch.compile' in cpu.unavailable()
     assert _dispatch.select('halo', _dispatch.Call.of(q, head_dim=8, window_area=36)).name == 'torch'
 
 
@@ -108,3 +108,13 @@ def test_switch_and_build_failures_give_reasons(monkeypatch, tmp_path):
     good.write_text('int mz_answer(void) { return 42; }\n')
     assert _native.load(good).mz_answer() == 42
     assert list((tmp_path / 'native').glob('good_kernel-*.so'))   # cached under MIXZOO_CACHE
+
+
+def test_jit_trace_records_the_traceable_path():
+    """A ctypes call is invisible to torch.jit.trace (its output would be baked in as a constant)."""
+    from backbones.mixers import HaloAttention
+    m = HaloAttention(16, 16, num_heads=2, block_size=4, halo_size=1).eval()
+    x1, x2 = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (x1,), check_trace=False)
+        assert torch.allclose(traced(x2), m(x2), atol=1e-6)

@@ -43,7 +43,7 @@ register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices
                  doc='fused forward + backward reading the halo window from the map (no unfolded K/V); '
                      'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
 register(Backend(OP, 'cpu', _cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
-                 available=_cpu.unavailable, check=_cpu.check,
+                 available=_cpu.unavailable,
                  doc='fused C kernel (compiled on first use, cached): window gather, q.k with the relative '
                      'logits in one product, softmax, values; CPU fp32 inference'))
 register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),

@@ -20,18 +20,16 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import Call, empty, tracing
+from .._dispatch import empty, tracing
 from .._native import load, unavailable as _unavailable
 
 SOURCE = Path(__file__).with_name('halo_cpu.c')
 
 
 def unavailable() -> Optional[str]:
+    if tracing():   # first: under torch.compile this must not reach the file system (graph breaks)
+        return 'inside torch.compile / export / FX or TorchScript tracing (an opaque C call on raw data)'
     return _unavailable(SOURCE)
-
-
-def check(call: Call):
-    return ['inside torch.compile / export / FX or TorchScript tracing (an opaque C call on raw data)'] if tracing() else []
 
 
 def library(portable: bool = False) -> ctypes.CDLL:
