@@ -219,3 +219,21 @@ def test_ci_fails_when_mm_or_dependency_tests_skip(tmp_path):
         assert (r.returncode != 0) == bool(want), r.stdout[-2000:]
         if ci:
             assert 'CI must run' in r.stdout
+
+
+def test_benchmark_runs_models_and_op_tables(capsys):
+    """tools/benchmark.py (the README's main job) on a tiny setting: one model beside timm, and the halo
+    op's table, forward (every backend that can run, the compiled one included) and forward+backward."""
+    import benchmark
+    assert benchmark.main(['--model', 'mz_poolformer_s12', '--batch-size', '1', '--reps', '1', '--img-size', '64']) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith('mz_poolformer_s12 |'))
+    assert 'timm:poolformer_s12' in row and float(row.split(' | ')[10]) > 0       # the speed ratio
+    assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'timm HaloAttn' in out and 'zoo mixer [torch] NHWC' in out
+    from ops.halo import cpu
+    assert ('zoo mixer [cpu]' in out) == (cpu.unavailable() is None)
+    assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1', '--backward']) == 0
+    out = capsys.readouterr().out
+    assert 'forward+backward' in out and 'zoo mixer [torch]' in out and '[cpu]' not in out

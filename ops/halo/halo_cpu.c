@@ -176,12 +176,12 @@ static inline const float *at(const view5 *t, int b, int h, int d, int y, int x)
     return t->p + b * t->s[0] + h * t->s[1] + d * t->s[2] + y * t->s[3] + x * t->s[4];
 }
 
-/* dst[i] = src[i * stride] * mul, i < n */
-static inline void gather(float *restrict dst, const float *restrict src, long stride, int n, float mul) {
+/* dst[i] = src[i * stride], i < n */
+static inline void gather(float *restrict dst, const float *restrict src, long stride, int n) {
     if (stride == 1)
-        for (int i = 0; i < n; i++) dst[i] = src[i] * mul;
+        memcpy(dst, src, sizeof(float) * n);
     else
-        for (int i = 0; i < n; i++) dst[i] = src[i * stride] * mul;
+        for (int i = 0; i < n; i++) dst[i] = src[i * stride];
 }
 
 /* Returns 0, or 1 when a buffer could not be allocated. rel_h / rel_w: contiguous (2 win - 1, D) or
@@ -249,7 +249,7 @@ int mz_halo_forward(const float *q, const long *qs, const float *k, const long *
                     const int y = i * bq + a, x = j * bq + c;
                     if (y >= Hq || x >= Wq) continue;
                     qa[n] = a, qb[n] = c;
-                    gather(qt + n * D, at(&Q, b, hd, 0, y, x), Q.s[2], D, 1.0f);
+                    gather(qt + n * D, at(&Q, b, hd, 0, y, x), Q.s[2], D);
                     n++;
                 }
             /* keys transposed and scaled, then the relative tables: one product gives both */
@@ -258,7 +258,7 @@ int mz_halo_forward(const float *q, const long *qs, const float *k, const long *
                     const float *src = at(&K, b, hd, 0, r0 + r, c0 + c);
                     float *dst = kt + r * nc + c;
                     for (int d = 0; d < D; d++) dst[(long)d * ld] = scale * src[d * K.s[2]];
-                    gather(vt + (long)(r * nc + c) * Dvp, at(&V, b, hd, 0, r0 + r, c0 + c), V.s[2], Dv, 1.0f);
+                    gather(vt + (long)(r * nc + c) * Dvp, at(&V, b, hd, 0, r0 + r, c0 + c), V.s[2], Dv);
                 }
             for (int d = 0; d < D; d++) {
                 float *row = kt + (long)d * ld;
