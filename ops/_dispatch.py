@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 
 __all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend', 'forcing',
            'empty', 'poisoned_outputs']
@@ -243,7 +244,6 @@ def tracing() -> bool:
     """Inside torch.jit scripting / tracing, torch.compile / export or FX symbolic tracing: paths that
     call opaque kernels on raw data (a trace would record their output as a constant) must step aside
     for the traceable ones."""
-    import torch.fx
     return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 

@@ -97,7 +97,7 @@ def load(src: Union[str, Path], native_arch: bool = True) -> ctypes.CDLL:
     if os.environ.get('MIXZOO_NATIVE', '1').strip() == '0':
         raise NativeUnavailable('native CPU kernels disabled by MIXZOO_NATIVE=0')
     src = Path(src)
-    name = f'{src.resolve()}:{native_arch}'
+    name = f'{src}:{native_arch}'   # no resolve(): a file-system call on every op call otherwise
     with _LOCK:
         if name not in _CACHE:
             import torch  # noqa: F401  -- torch's libgomp first, so the kernel shares its OpenMP runtime

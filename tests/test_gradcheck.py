@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ops import _dispatch
-from test_ops import CASES, OPS, _skip_if_unrunnable
+from test_ops import CASES, OPS, _backend, _skip_if_unrunnable
 
 
 def _gradcheck_params():
@@ -29,7 +29,7 @@ def _loss_fn(op, backend, kw, names):
 
 @pytest.mark.parametrize('op,backend,case', list(_gradcheck_params()))
 def test_gradients(op, backend, case):
-    b = {x.name: x for x in _dispatch.backends(op)}[backend]
+    b = _backend(op, backend)
     dtype = torch.float64 if torch.float64 in b.dtypes else torch.float32
     kw = case.make(dtype, 'cpu')
     _skip_if_unrunnable(op, backend, kw)

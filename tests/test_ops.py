@@ -160,8 +160,12 @@ def _params():
                                            id=f'{op}-{b.name}-{case.id}-{str(dtype)[6:]}-{dev}')
 
 
+def _backend(op, name):
+    return {b.name: b for b in _dispatch.backends(op)}[name]
+
+
 def _skip_if_unrunnable(op, backend, kwargs):
-    b = {x.name: x for x in _dispatch.backends(op)}[backend]
+    b = _backend(op, backend)
     missing = b.available()      # triton not importable, no C compiler: CI must have them
     if missing:
         pytest.skip(f'{MISSING_DEP}: {missing}')
@@ -174,7 +178,7 @@ def _skip_if_unrunnable(op, backend, kwargs):
 @pytest.mark.parametrize('op,backend,case,dtype,device', list(_params()))
 def test_backend_matches_reference(op, backend, case, dtype, device):
     kw = case.make(dtype, device)
-    if not {b.name: b for b in _dispatch.backends(op)}[backend].autograd:   # forward-only: must refuse autograd
+    if not _backend(op, backend).autograd:   # forward-only: must refuse autograd
         with pytest.raises(_dispatch.BackendError, match='no backward'):
             OPS[op](**kw, backend=backend)
         return

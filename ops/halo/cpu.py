@@ -36,7 +36,7 @@ def library(portable: bool = False) -> ctypes.CDLL:
     """The compiled kernel (``portable``: built without -march=native, the generic vector code)."""
     lib = load(SOURCE, native_arch=not portable)
     fn = lib.mz_halo_forward
-    if fn.restype is not ctypes.c_int or fn.argtypes is None:
+    if fn.argtypes is None:   # first use of this library
         P, L, I = ctypes.c_void_p, ctypes.POINTER(ctypes.c_long), ctypes.c_int
         fn.argtypes = [P, L, P, L, P, L, P, L, P, P] + [I] * 10 + [ctypes.c_float, I, I]
         fn.restype = I

@@ -252,7 +252,8 @@ int mz_halo_forward(const float *q, const long *qs, const float *k, const long *
                     gather(qt + n * D, at(&Q, b, hd, 0, y, x), Q.s[2], D);
                     n++;
                 }
-            /* keys transposed and scaled, then the relative tables: one product gives both */
+            /* keys transposed and scaled, then the relative tables: one product gives both (a
+             * second product against relT in place splits the row into narrower tiles: 3% slower) */
             for (int r = 0; r < nr; r++)
                 for (int c = 0; c < nc; c++) {
                     const float *src = at(&K, b, hd, 0, r0 + r, c0 + c);
