@@ -3,7 +3,9 @@
 from ._dispatch import BackendError, backends, forced_backend, select  # noqa: F401
 from .halo import halo_attention  # noqa: F401
 from .neighborhood import neighborhood_aggregate, neighborhood_attention  # noqa: F401
+from .routing import bilevel_routing_attention, routed_attention, routing_topk  # noqa: F401
 from .window import window_attention  # noqa: F401
 
 __all__ = ['window_attention', 'halo_attention', 'neighborhood_attention', 'neighborhood_aggregate',
+           'routing_topk', 'routed_attention', 'bilevel_routing_attention',
            'BackendError', 'backends', 'select', 'forced_backend']

@@ -126,15 +126,51 @@ def neighborhood_cases() -> List[Case]:
     return cases
 
 
+# ---- routed (bi-level routing) attention ------------------------------------------------------
+
+def _routing_case(B, h, R, T, D, topk, Tk=None, Dv=None, fused=False):
+    Tk, Dv = Tk or T, Dv or D
+
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(R * 100 + T * 10 + topk + D)
+        if fused:   # q, k, v as strided views of one (B, R, T, 3, heads, D) projection, as the mixer passes them
+            qkv = torch.randn(B, R, T, 3, h, D, generator=g).to(device, dtype)
+            q, k, v = (t.detach().requires_grad_() for t in qkv.permute(3, 0, 4, 1, 2, 5))
+        else:
+            q = torch.randn(B, h, R, T, D, generator=g).to(device, dtype).requires_grad_()
+            k = torch.randn(B, h, R, Tk, D, generator=g).to(device, dtype).requires_grad_()
+            v = torch.randn(B, h, R, Tk, Dv, generator=g).to(device, dtype).requires_grad_()
+        idx = torch.rand(B, R, R, generator=g).argsort(-1)[..., :topk]     # distinct routed regions per row
+        return dict(q=q, k=k, v=v, idx=idx.to(device), scale=(h * D) ** -0.5)
+    tag = f'B{B}h{h}d{D}-R{R}-T{T}' + (f'-Tk{Tk}' if Tk != T else '') + f'-top{topk}' + (
+        f'-dv{Dv}' if Dv != D else '') + ('-fused' if fused else '')
+    return Case(tag, make, tiny=B * h * R * T <= 512)
+
+
+def routing_cases() -> List[Case]:
+    return [_routing_case(2, 2, 4, 9, 8, 2),
+            _routing_case(1, 2, 4, 9, 8, 4),                  # topk = R: full attention
+            _routing_case(1, 1, 6, 6, 16, 3, fused=True),     # 2x3 region grid of 2x3-token regions
+            _routing_case(1, 2, 4, 10, 8, 2, Tk=4, Dv=16),    # pooled keys (Tk != T), Dv != D
+            _routing_case(1, 2, 9, 16, 32, 3, fused=True),    # head dim 32
+            _routing_case(1, 1, 4, 12, 64, 1),                # head dim 64, topk 1 (BiFormer stage 1)
+            _routing_case(1, 2, 49, 16, 32, 4),               # 7x7 grid (BiFormer's n_win)
+            Case(**{**_routing_case(1, 1, 4, 6, 4, 2, Tk=3).__dict__, 'gradcheck': True})]
+
+
 CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases, 'halo': halo_cases,
-                                              'neighborhood': neighborhood_cases}
-OPS = {'window': ops.window_attention, 'halo': ops.halo_attention, 'neighborhood': ops.neighborhood_attention}
+                                              'neighborhood': neighborhood_cases, 'routing': routing_cases}
+OPS = {'window': ops.window_attention, 'halo': ops.halo_attention, 'neighborhood': ops.neighborhood_attention,
+       'routing': ops.routed_attention}
 # how each op describes a call to the dispatcher (for the "can this backend run here" check)
 CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], window_area=kw['q'].shape[-2]),
          'halo': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[2],
                                               window_area=(kw['block'] + 2 * kw['halo']) ** 2),
          'neighborhood': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1],
-                                                      window_area=kw['kernel_size'] ** 2)}
+                                                      window_area=kw['kernel_size'] ** 2),
+         'routing': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], tokens=kw['q'].shape[3],
+                                                 keys=kw['idx'].shape[-1] * kw['k'].shape[3],
+                                                 topk=kw['idx'].shape[-1])}
 
 
 def test_every_registered_op_has_cases():
