@@ -2,10 +2,11 @@
 (``python -m ops info`` prints every op x backend and whether it can run here)."""
 from ._dispatch import BackendError, backends, forced_backend, select  # noqa: F401
 from .halo import halo_attention  # noqa: F401
+from .linear import linear_attention  # noqa: F401
 from .neighborhood import neighborhood_aggregate, neighborhood_attention  # noqa: F401
 from .routing import bilevel_routing_attention, routed_attention, routing_topk  # noqa: F401
 from .window import window_attention  # noqa: F401
 
 __all__ = ['window_attention', 'halo_attention', 'neighborhood_attention', 'neighborhood_aggregate',
-           'routing_topk', 'routed_attention', 'bilevel_routing_attention',
+           'routing_topk', 'routed_attention', 'bilevel_routing_attention', 'linear_attention',
            'BackendError', 'backends', 'select', 'forced_backend']

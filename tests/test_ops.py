@@ -158,10 +158,47 @@ def routing_cases() -> List[Case]:
             Case(**{**_routing_case(1, 1, 4, 6, 4, 2, Tk=3).__dict__, 'gradcheck': True})]
 
 
+# ---- linear attention ------------------------------------------------------------------------
+
+def _linear_case(B, h, N, D, Dv, scale, temperature=True, fused=False, rows=False):
+    """q, k = relu(scale * randn) (the caller's feature map): small scales leave every normaliser
+    q_n . sum k under the clamp (100), large ones above it. ``rows``: each query row rescaled so its
+    normaliser is 30 or 300, both regimes and none near the clamp's kink (finite differences stay valid)."""
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(B * 1000 + N * 10 + D + int(10 * scale))
+        q, k = ((scale * torch.randn(B, h, N, D, generator=g)).relu() for _ in range(2))
+        v = torch.randn(B, h, N, Dv, generator=g)
+        if rows:
+            qz = (q @ k.sum(-2).unsqueeze(-1)).clamp_min(1e-6)
+            q = q * torch.tensor([30., 300.]).repeat(N)[:N].view(1, 1, N, 1) / qz
+        kw = dict(q=q, k=k, v=v)
+        if temperature:
+            kw['temperature'] = 0.5 + torch.rand(h, 1, 1, generator=g)
+        kw = {n: t.to(device, dtype) for n, t in kw.items()}
+        if fused:   # q, k, v as strided views of one (B, N, 3, heads, D) projection, as the mixer passes them
+            qkv = torch.stack([kw['q'], kw['k'], kw['v']], 2).transpose(1, 3).contiguous()
+            kw.update(zip('qkv', qkv.permute(2, 0, 3, 1, 4)))
+        return {n: t.detach().requires_grad_() for n, t in kw.items()}
+    tag = (f'B{B}h{h}-N{N}-d{D}' + (f'-dv{Dv}' if Dv != D else '') + f'-x{scale:g}' + ('-rows' if rows else '')
+           + ('' if temperature else '-notemp') + ('-fused' if fused else ''))
+    return Case(tag, make, tiny=B * h * N <= 400)
+
+
+def linear_cases() -> List[Case]:
+    return [_linear_case(2, 3, 20, 24, 24, 0.3),                        # every normaliser clamped
+            _linear_case(2, 2, 33, 16, 16, 3.0),                        # none clamped; two token chunks
+            _linear_case(1, 2, 37, 8, 24, 1.6),                         # odd N, Dv != D, a third of the rows clamped
+            _linear_case(2, 3, 49, 32, 32, 0.7, fused=True),            # L2ViT's head dim, 7x7 map, qkv views, some clamped
+            _linear_case(1, 1, 50, 64, 64, 2.0, temperature=False),     # head dim 64, no temperature
+            _linear_case(1, 3, 196, 32, 32, 0.5),                       # L2ViT-T stage-3 map (14x14)
+            Case(**{**_linear_case(1, 2, 20, 8, 8, 1.0, rows=True).__dict__, 'gradcheck': True})]
+
+
 CASES: Dict[str, Callable[[], List[Case]]] = {'window': window_cases, 'halo': halo_cases,
-                                              'neighborhood': neighborhood_cases, 'routing': routing_cases}
+                                              'neighborhood': neighborhood_cases, 'routing': routing_cases,
+                                              'linear': linear_cases}
 OPS = {'window': ops.window_attention, 'halo': ops.halo_attention, 'neighborhood': ops.neighborhood_attention,
-       'routing': ops.routed_attention}
+       'routing': ops.routed_attention, 'linear': ops.linear_attention}
 # how each op describes a call to the dispatcher (for the "can this backend run here" check)
 CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], window_area=kw['q'].shape[-2]),
          'halo': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[2],
@@ -170,7 +207,9 @@ CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[
                                                       window_area=kw['kernel_size'] ** 2),
          'routing': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], tokens=kw['q'].shape[3],
                                                  keys=kw['idx'].shape[-1] * kw['k'].shape[3],
-                                                 topk=kw['idx'].shape[-1])}
+                                                 topk=kw['idx'].shape[-1]),
+         'linear': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], tokens=kw['q'].shape[-2],
+                                                value_dim=kw['v'].shape[-1])}
 
 
 def test_every_registered_op_has_cases():

