@@ -77,8 +77,12 @@ def read_checkpoint(path: str, prefer: str = 'model') -> Dict[str, torch.Tensor]
             return load_file(path)
         except Exception as e:
             raise ValueError(f'could not read safetensors checkpoint {path} (truncated or corrupted?): {e}') from e
+    import argparse
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        # training scripts (timm's, ConvNeXt-derived ones such as L2ViT's) store their argparse.Namespace
+        # beside the weights; allowed as timm's own loader allows it, nothing else is unpickled
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         msg = str(e)
         detail = next((ln.strip() for ln in msg.splitlines() if 'Unsupported' in ln or 'error' in ln.lower()),

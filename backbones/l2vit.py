@@ -1,0 +1,291 @@
+"""L2ViT (Zheng et al., "The Linear Attention Resurrection in Vision Transformer").
+
+Hyper-parameters, block order and the release layout are those of ChuanyangZheng/L2ViT
+(classification/models/l2vit.py; ../shared/OFFICIAL-FACTS.md). A convolutional stem (3x3/2 conv, BN,
+ReLU, 3x3/2 conv, BN) + LayerNorm, then four stages, each a 2x2/2 conv after a LayerNorm (stages 2-4)
+and blocks alternating
+  LWA (even index): x += dwconv3x3(x); x += WindowAttn(norm1 x); x += dwconv3x3(x); x += Mlp(norm2 x)
+  LGA (odd index):  x += dwconv3x3(x); x += LinearAttn(norm1 x); x += LCM(norm3 x); x += Mlp(norm2 x)
+with non-shifted 7x7 windows (``mixers.PartitionAttention``; the map is zero-padded after norm1 and the
+padded tokens are NOT masked: they take part as keys/values, as in the official code), ReLU linear
+attention with a per-head temperature and the normaliser clamped at 100 (``mixers.LinearAttention``,
+``ops.linear``) and the local concentration module dw7x7 -> GELU -> BN -> dw7x7. Every LayerNorm has eps
+1e-5, there is no layer scale (the official blocks ignore ``layer_scale_init_value``). Head: LayerNorm on
+the tokens, mean, linear. Any input size: the image is zero-padded at the right/bottom to a multiple of
+4 before the stem and each downsample's input to even sides after its LayerNorm, as officially.
+
+Inside a stage the maps are NHWC; stage outputs are NCHW views of them.
+``checkpoint_filter_fn`` reads the official layout (``downsample_layers``, ``stages.{i}.{j}``, ``norm``,
+``head``) and the zoo's. The release files hold ``model`` and ``model_ema``; like the official evaluation,
+the zoo loads ``model`` unless ``checkpoint_entry='model_ema'`` is passed to ``timm.create_model``.
+"""
+import re
+from functools import partial
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
+from timm.models import generate_default_cfgs, register_model
+
+from . import _pretrained, _registry
+from ._builder import base_cfg, create_model
+from ._features import Stage, StagedModelMixin
+from ._weights import match_state_dict, read_checkpoint, unwrap_state_dict
+from .layers import FoldedConvNormAct, drop_path_rates, trunc_normal_init
+from .mixers.linear import LinearAttention
+from .mixers.window import PartitionAttention
+
+__all__ = ['L2ViT']
+
+ENTRIES = ('model', 'model_ema')
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class ConvPosEnc(nn.Module):
+    """Conditional position encoding: x + dwconv3x3(x) on an NHWC map (official key ``proj``)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + _nhwc(self.proj(_nchw(x)))
+
+
+class LocalConcentration(nn.Module):
+    """LCM: dw7x7 -> GELU -> BatchNorm -> dw7x7 on an NHWC map (official keys ``conv1``, ``bn``, ``conv2``).
+    The BN sits between two padded convs, so it is not folded (zero padding after it is not its shift)."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nhwc(self.conv2(self.bn(self.act(self.conv1(_nchw(x))))))
+
+
+class LWABlock(nn.Module):
+    """Local window attention block (even block index)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4., drop_path: float = 0.):
+        super().__init__()
+        self.cpe = nn.ModuleList([ConvPosEnc(dim), ConvPosEnc(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = PartitionAttention(dim, window_size, 'block', dim_head=dim // num_heads, bias=True, rel_pos=False,
+                                       mask_padding=False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe[0](x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = self.cpe[1](x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class LGABlock(nn.Module):
+    """Linear global attention block (odd block index); norm3 + LCM come before norm2 + MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., drop_path: float = 0.):
+        super().__init__()
+        self.cpe = nn.ModuleList([ConvPosEnc(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LinearAttention(dim, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm3 = nn.LayerNorm(dim)
+        self.local_mp = LocalConcentration(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe[0](x)
+        B, H, W, C = x.shape
+        x = x + self.drop_path(self.attn(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C))
+        x = x + self.drop_path(self.local_mp(self.norm3(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _pad_to(x: torch.Tensor, multiple: int, dims: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad the two spatial ``dims`` (H, W positions) at the bottom/right to a multiple."""
+    ph, pw = (-x.shape[dims[0]]) % multiple, (-x.shape[dims[1]]) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph)) if dims == (2, 3) else F.pad(x, (0, 0, 0, pw, 0, ph))
+
+
+class Stem(nn.Module):
+    """Pad to a multiple of 4, conv3x3/2 + BN + ReLU, conv3x3/2 + BN (folded in eval), LayerNorm; NCHW in,
+    NCHW view of the NHWC result out."""
+
+    def __init__(self, in_chs: int, dim: int):
+        super().__init__()
+        self.conv1 = FoldedConvNormAct(in_chs, dim // 2, 3, stride=2, padding=1, bias=True, act_layer=nn.ReLU)
+        self.conv2 = FoldedConvNormAct(dim // 2, dim, 3, stride=2, padding=1, bias=True, apply_act=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nchw(self.norm(_nhwc(self.conv2(self.conv1(_pad_to(x, 4, (2, 3)))))))
+
+
+class Downsample(nn.Module):
+    """LayerNorm over the input channels, zero pad to even sides, conv2x2/2; NHWC -> NHWC."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_chs)
+        self.proj = nn.Conv2d(in_chs, out_chs, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nhwc(self.proj(_nchw(_pad_to(self.norm(x), 2, (1, 2)))))
+
+
+class L2ViTStage(Stage):
+    """(Downsample ->) blocks on NHWC; NCHW views in and out (so features and the mixin see NCHW)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nchw(super().forward(_nhwc(x)))
+
+
+class L2ViT(StagedModelMixin, nn.Module):
+    def __init__(
+            self,
+            depths: Tuple[int, ...] = (2, 2, 6, 2),
+            dims: Tuple[int, ...] = (96, 192, 384, 768),
+            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+            mlp_ratio: float = 4.,
+            window_size: int = 7,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        if not len(depths) == len(dims) == len(num_heads):
+            raise ValueError(f'depths {depths}, dims {dims} and num_heads {num_heads} must have one entry per stage')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.grad_checkpointing = False
+        self.stem = Stem(in_chans, dims[0])
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages, self.feature_info = [], []
+        for i, (depth, dim, heads) in enumerate(zip(depths, dims, num_heads)):
+            blocks = [LWABlock(dim, heads, window_size, mlp_ratio, dpr[i][j]) if j % 2 == 0 else
+                      LGABlock(dim, heads, mlp_ratio, dpr[i][j]) for j in range(depth)]
+            stages.append(L2ViTStage(blocks, Downsample(dims[i - 1], dim) if i else None))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(trunc_normal_init(nn.Linear, nn.Conv2d))
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters() if n.endswith('temperature')}
+
+    def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+
+_OFFICIAL_STEM = {'0': 'conv1.conv', '1': 'conv1.bn', '3': 'conv2.conv', '4': 'conv2.bn'}
+
+
+def _unwrap(state_dict, entry: str) -> Dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint, ``entry`` ('model' or 'model_ema') first; asking for
+    an entry the container lacks is an error (not a silent fall-back to the other weights)."""
+    if entry not in ENTRIES:
+        raise ValueError(f'checkpoint_entry must be one of {ENTRIES}, got {entry!r}')
+    if entry != 'model' and not any(torch.is_tensor(v) for v in state_dict.values()) and entry not in state_dict:
+        raise KeyError(f'the checkpoint has no {entry!r} entry (entries: {", ".join(map(str, state_dict))})')
+    return unwrap_state_dict(state_dict, prefer=entry)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: L2ViT, entry: str = 'model'
+                         ) -> Dict[str, torch.Tensor]:
+    """The zoo's layout passes through; the official one (``downsample_layers.*``, ``stages.{i}.{j}``,
+    ``head``; plain or inside the release container, ``entry`` read) is renamed."""
+    state_dict = _unwrap(state_dict, entry)
+    if not any(k.startswith('downsample_layers.') for k in state_dict):
+        return match_state_dict(state_dict, model)
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^downsample_layers\.0\.proj\.proj\.(\d)\.', lambda m: f'stem.{_OFFICIAL_STEM[m[1]]}.', k)
+        k = re.sub(r'^downsample_layers\.0\.norm\.', 'stem.norm.', k)
+        k = re.sub(r'^downsample_layers\.(\d)\.', r'stages.\1.downsample.', k)
+        k = re.sub(r'^stages\.(\d)\.(\d+)\.', r'stages.\1.blocks.\2.', k)
+        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+        out[k] = v
+    return match_state_dict(out, model)
+
+
+def _create_l2vit(variant: str, pretrained: bool = False, checkpoint_entry: str = 'model', **kwargs) -> L2ViT:
+    """``checkpoint_entry``: which weights of the release file to load, 'model' (what the official
+    evaluation reads; default) or 'model_ema'. timm's own file loader would take 'model_ema' whenever a
+    file has one, so the file is read here and handed to timm as a state dict."""
+    if checkpoint_entry not in ENTRIES:
+        raise ValueError(f'{variant}: checkpoint_entry must be one of {ENTRIES}, got {checkpoint_entry!r}')
+    path = None
+    if pretrained:
+        _pretrained.resolve(variant, True, kwargs)       # the local lookup (or an error saying what to get)
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        path = overlay.pop('file', None)
+        if path:
+            overlay['state_dict'] = read_checkpoint(path, prefer=checkpoint_entry)
+            kwargs['pretrained_cfg_overlay'] = overlay
+    model = create_model(L2ViT, variant, pretrained, partial(checkpoint_filter_fn, entry=checkpoint_entry),
+                         (0, 1, 2, 3), **kwargs)
+    if path:   # keep the cfg light (no second reference to the weights) and say where they came from
+        for m in {id(m): m for m in (model, getattr(model, 'model', None)) if m is not None}.values():
+            cfg = getattr(m, 'pretrained_cfg', None)
+            if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+                cfg.update(state_dict=None, file=path, checkpoint_entry=checkpoint_entry)
+    return model
+
+
+def _cfg(**kwargs):
+    return base_cfg(**{'crop_pct': 0.875, 'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc', **kwargs})
+
+
+_ARCH = {
+    'tiny': dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    'small': dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    'base': dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
+}
+_PUBLISHED = {'tiny': (29, 4.7, 83.1), 'small': (50, 9.0, 84.1), 'base': (89, 15.9, 84.4)}
+
+default_cfgs = generate_default_cfgs({f'mz_l2vit_{a}.in1k': _cfg() for a in _ARCH})
+
+
+@register_model
+def mz_l2vit_tiny(pretrained=False, **kwargs) -> L2ViT:
+    return _create_l2vit('mz_l2vit_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
+
+
+@register_model
+def mz_l2vit_small(pretrained=False, **kwargs) -> L2ViT:
+    return _create_l2vit('mz_l2vit_small', pretrained, **dict(_ARCH['small'], **kwargs))
+
+
+@register_model
+def mz_l2vit_base(pretrained=False, **kwargs) -> L2ViT:
+    return _create_l2vit('mz_l2vit_base', pretrained, **dict(_ARCH['base'], **kwargs))
+
+
+for _a in _ARCH:
+    _registry.add(f'mz_l2vit_{_a}', 'l2vit', 'official:ChuanyangZheng/L2ViT', *_PUBLISHED[_a],
+                  build_only=_a == 'base')
