@@ -36,8 +36,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._dispatch import Backend, Call, register, select, tracing
+from .._dispatch import Backend, Call, register, select, tracing, triton_interpreter_limits, triton_unavailable
 from ..window.partition import pad_map, padded_size, partition, unpartition
+from . import online as _online
 from . import reference as _reference
 
 __all__ = ['routing_topk', 'routed_attention', 'bilevel_routing_attention', 'to_regions', 'from_regions',
@@ -47,6 +48,21 @@ OP = 'routing'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 Grid = Union[int, Tuple[int, int]]
 
+
+def _triton_fn(*args):
+    from . import triton as _triton   # imported lazily: triton is optional
+    return _triton.routed_attention(*args)
+
+
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS,
+                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
+                 doc='fused forward + backward reading the routed regions\' K/V in place (no gather), online '
+                     'softmax in fp32, dK/dV over the inverse routing (no atomics); CPU only under '
+                     'TRITON_INTERPRET=1 and when forced (tests)'))
+register(Backend(OP, 'torch', _online.routed_attention, dtypes=_FLOATS + (torch.float64,),
+                 doc='one routed region at a time (a K/V-sized transient, no topk-fold copy), merged by online '
+                     'softmax; fused flash-attention kernel per slot on CPU (D == Dv), chunked matmuls elsewhere; '
+                     'backward recomputes from the log-sum-exp'))
 register(Backend(OP, 'reference', _reference.routed_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='gathers the topk routed regions\' keys / values (a topk-fold copy), explicit softmax (oracle)'))
 
