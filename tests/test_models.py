@@ -22,9 +22,10 @@ OFFICIAL = {n: m for n, m in MODELS.items() if m.reference.startswith('official:
 RUN = [n for n, m in MODELS.items() if not m.build_only]
 # parameter counts measured with the official code (../shared/OFFICIAL-FACTS.md), 1000 classes
 OFFICIAL_PARAMS = {'mz_transnext_micro': 12_809_304, 'mz_transnext_tiny': 28_258_960,
-                   'mz_transnext_small': 49_741_564, 'mz_transnext_base': 89_721_496}
+                   'mz_transnext_small': 49_741_564, 'mz_transnext_base': 89_721_496,
+                   'mz_l2vit_tiny': 28_596_781, 'mz_l2vit_small': 50_199_157, 'mz_l2vit_base': 88_577_188}
 OFFICIAL_KEYS = {'mz_transnext_micro': 617, 'mz_transnext_tiny': 617, 'mz_transnext_small': 1054,
-                 'mz_transnext_base': 1083}
+                 'mz_transnext_base': 1083, 'mz_l2vit_tiny': 284, 'mz_l2vit_small': 536, 'mz_l2vit_base': 536}
 # second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
 # grid, 32 * window); PoolFormer takes any size, so a non-square odd one
 SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257),
@@ -35,7 +36,8 @@ SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257
 # gives the same figure as the zoo (23.92 vs zoo 23.90 vs paper 23.4), so the gap is the paper's counting
 GMACS_TOL = {'mz_maxvit_base_tf_224': 0.025}
 SLOW = {'mz_maxvit_small_tf_224', 'mz_halonet50ts', 'mz_halonet_h1', 'mz_sehalonet33ts', 'mz_davit_small',
-        'mz_shvit_s3', 'mz_shvit_s4', 'mz_maxvit_tiny_tf_384', 'mz_poolformer_m36', 'mz_poolformer_s36'}
+        'mz_shvit_s3', 'mz_shvit_s4', 'mz_maxvit_tiny_tf_384', 'mz_poolformer_m36', 'mz_poolformer_s36',
+        'mz_l2vit_small'}
 
 
 def _marks(name):
