@@ -72,3 +72,32 @@ def test_aggregate_is_the_value_sum_of_the_windows(border, dilation):
                 if valid[y, x, j]:
                     want[:, :, y, x] += w[:, :, y, x, j, None] * vf[:, :, idx[y, x, j]]
     torch.testing.assert_close(neighborhood_aggregate(w, v, k, dilation, border), want)
+
+
+@pytest.mark.parametrize('backend', ['reference', 'torch'])
+@pytest.mark.parametrize('grad', [False, True])
+def test_grid_bias_equals_its_tensor(backend, grad, monkeypatch):
+    """A GridBias gives the same outputs and table gradients as the bias tensor it stands for, also when
+    the torch backend splits the queries into several tiles."""
+    import sys
+    from ops.neighborhood import GridBias
+    monkeypatch.setattr(sys.modules['ops.neighborhood.torch'], 'TILE_TOKENS', 14)   # 5 x 7 map: 5 tiles of a row
+    B, h, H, W, D, ph, pw = 2, 2, 5, 7, 8, 2, 3
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, H, W, D, generator=g, dtype=torch.float64) for _ in range(3))
+    ek, ev = (torch.randn(B, h, ph * pw, D, generator=g, dtype=torch.float64) for _ in range(2))
+    table = torch.randn(h, 4, 5, generator=g, dtype=torch.float64, requires_grad=grad)
+    ih, iw = torch.randint(0, 4, (H, ph), generator=g), torch.randint(0, 5, (W, pw), generator=g)
+    gb = GridBias(table, ih, iw)
+    full = table[:, ih[:, None, :, None], iw[None, :, None, :]].reshape(1, h, H, W, ph * pw)
+    assert torch.equal(gb.materialize(), full) and gb.shape == full.shape
+    with torch.set_grad_enabled(grad):
+        a = neighborhood_attention(q, k, v, 3, extra_k=ek, extra_v=ev, extra_bias=gb, backend=backend)
+        b = neighborhood_attention(q, k, v, 3, extra_k=ek, extra_v=ev, extra_bias=full, backend=backend)
+    assert torch.allclose(a, b, atol=1e-12)
+    if grad:
+        ga, = torch.autograd.grad(a.square().sum(), table)
+        gb_, = torch.autograd.grad(b.square().sum(), table)
+        assert torch.allclose(ga, gb_, atol=1e-10)
+    with pytest.raises(ValueError, match='GridBias table must have 1 or 2 heads'):
+        neighborhood_attention(q, k, v, 3, extra_k=ek, extra_v=ev, extra_bias=GridBias(table.detach().repeat(2, 1, 1), ih, iw))

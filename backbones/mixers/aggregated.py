@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ops import neighborhood_aggregate, neighborhood_attention
+from ops.neighborhood import GridBias
 from ops.neighborhood.geometry import windows as window_geometry
+
+
+_CPB_ROWS = 16384     # coordinates per block of the position-bias MLP (32 MB of hidden activations)
 
 
 def _inv_softplus(x: float) -> float:
@@ -85,13 +89,16 @@ class _CosineQueryMixin(nn.Module):
         t = F.softplus(self.temperature).view(1, h, 1, 1, 1)
         return (qn + self.query_embedding.view(1, h, 1, 1, D)) * t * length_scale.to(qn.dtype)[..., None]
 
-    def _position_bias(self, H: int, W: int, ph: int, pw: int, x: torch.Tensor) -> torch.Tensor:
-        """(heads, H, W, ph * pw) continuous position bias of every query for every pooled key."""
+    def _position_bias(self, H: int, W: int, ph: int, pw: int, x: torch.Tensor) -> GridBias:
+        """The continuous position bias of every query for every pooled key, (1, heads, H, W, ph * pw), by
+        factors: the MLP runs on the distinct coordinates only, and the op expands a query tile at a time
+        (in full it is the largest tensor of the model at large inputs: 805 MB at TransNeXt-T stage 1, 1024)."""
         table, ih, iw, uw = _cpb_inputs(H, W, ph, pw, *self.pretrain_hw, x.device)
         coords = _log_spaced(table).to(x.dtype)      # (log spacing in float32, as the official buffer)
-        bias = self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords)))                              # (Uh * Uw, heads)
-        bias = bias.t().reshape(self.num_heads, -1, uw)
-        return bias[:, ih[:, None, :, None], iw[None, :, None, :]].reshape(self.num_heads, H, W, ph * pw)
+        # the MLP a block of coordinates at a time: its 512-wide hidden layer over every distinct coordinate
+        # would be the largest tensor of an inference (254016 x 512 floats = 496 MB at stage 1 for 1024x1024)
+        bias = torch.cat([self.cpb_fc2(self.cpb_act(self.cpb_fc1(c))) for c in coords.split(_CPB_ROWS)])
+        return GridBias(bias.t().reshape(self.num_heads, -1, uw), ih, iw)
 
 
 class AggregatedAttention(_CosineQueryMixin):
@@ -140,7 +147,7 @@ class AggregatedAttention(_CosineQueryMixin):
         o = neighborhood_attention(
             self._scaled_query(qn, scale).to(dt), k_loc.to(dt), v_loc, k, rpb=self._local_bias_table().to(dt),
             extra_k=k_pool.to(dt), extra_v=v_pool.to(dt),
-            extra_bias=self._position_bias(H, W, ph, pw, x)[None].to(dt), scale=1.0, border='mask')
+            extra_bias=self._position_bias(H, W, ph, pw, x).to(dt), scale=1.0, border='mask')
         # query-dependent weights on the local values (from the un-scaled normalised query)
         tokens = qn @ self.learnable_tokens[:, None] + self.learnable_bias[:, None]             # (B, h, H, W, k*k)
         o = o + neighborhood_aggregate(tokens.to(dt), v_loc, k, border='mask')
@@ -168,7 +175,7 @@ class GlobalAttention(_CosineQueryMixin):
         scale = torch.full((H, W), math.log(N), device=x.device)      # (float64 log, as the official buffer)
         dt = qkv.dtype
         q = self._scaled_query(qn, scale).view(B, h, N, D).to(dt)
-        bias = self._position_bias(H, W, H, W, x).view(1, h, N, N)
+        bias = self._position_bias(H, W, H, W, x).materialize().view(1, h, N, N)
         o = F.scaled_dot_product_attention(q, F.normalize(qkv[1], dim=-1).to(dt), qkv[2], attn_mask=bias.to(dt),
                                            scale=1.0)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, H, W, C)))

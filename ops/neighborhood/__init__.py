@@ -9,7 +9,8 @@ rpb     optional (heads, 2k-1, 2k-1) relative-position bias, indexed by (key - q
         steps + k - 1 (NATTEN's layout; a centred (heads, k*k) table is its middle k x k).
 extra_k, extra_v  optional (B, heads, P, D) / (B, heads, P, Dv) keys shared by all queries
         (TransNeXt's pooled tokens), normalised in the same softmax as the window.
-extra_bias  optional (B | 1, heads | 1, H, W, P) logit bias of the extra keys.
+extra_bias  optional (B | 1, heads | 1, H, W, P) logit bias of the extra keys, or a ``GridBias``
+        (the same bias by factors, for extra keys on a grid: expanded a query tile at a time).
 scale   multiplies q . k for window and extra keys (default D ** -0.5); biases are added after.
 border  'mask': window centred, out-of-map keys excluded (TransNeXt); 'shift': window shifted
         inward to stay k x k (NATTEN / NAT). Maps smaller than the window work under both.
@@ -20,19 +21,20 @@ from typing import Optional
 
 from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
 from . import reference as _reference
-from .geometry import BORDERS
+from .geometry import BORDERS, GridBias, full_bias
 
 _torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
 import torch  # noqa: E402
 
-__all__ = ['neighborhood_attention', 'neighborhood_aggregate']
+__all__ = ['neighborhood_attention', 'neighborhood_aggregate', 'GridBias']
 OP = 'neighborhood'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _triton_fn(*args):
+def _triton_fn(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, scale, border):
     from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.neighborhood_attention(*args)
+    return _triton.neighborhood_attention(q, k, v, kernel, dilation, rpb, extra_k, extra_v, full_bias(extra_bias),
+                                          scale, border)
 
 
 # not yet run on a GPU (none lent so far): used only when forced, until validated there
@@ -76,7 +78,9 @@ def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, bord
             raise ValueError(f'{name}: extra_k / extra_v must be (B, heads, P, D) / (B, heads, P, Dv); got '
                              f'{tuple(extra_k.shape)}, {tuple(extra_v.shape)}')
         P = extra_k.shape[2]
-        if extra_bias is not None and (extra_bias.dim() != 5 or extra_bias.shape[2:] != (H, W, P)):
+        if isinstance(extra_bias, GridBias) and extra_bias.table.shape[0] not in (1, h):
+            raise ValueError(f'{name}: GridBias table must have 1 or {h} heads, got {extra_bias.table.shape[0]}')
+        if extra_bias is not None and (extra_bias.dim() != 5 or tuple(extra_bias.shape[2:]) != (H, W, P)):
             raise ValueError(f'{name}: extra_bias must be (B | 1, heads | 1, H, W, P) with P = {P}, '
                              f'got {tuple(extra_bias.shape)}')
     elif extra_bias is not None:
@@ -89,7 +93,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            scale: Optional[float] = None, border: str = 'mask',
                            backend: Optional[str] = None) -> torch.Tensor:
     _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border)
-    call = Call.of(q, k, v, rpb, extra_k, extra_v, extra_bias, head_dim=q.shape[-1],
+    call = Call.of(q, k, v, rpb, extra_k, extra_v, getattr(extra_bias, 'table', extra_bias), head_dim=q.shape[-1],
                    window_area=kernel_size * kernel_size)
     return select(OP, call, backend).fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias,
                                         scale, border)

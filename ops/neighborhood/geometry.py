@@ -65,3 +65,63 @@ def windows(H: int, W: int, kernel: int, dilation: int, border: str, device) -> 
 def rel_bias(rpb: torch.Tensor, rel_r: torch.Tensor, rel_c: torch.Tensor) -> torch.Tensor:
     """(heads, 2k-1, 2k-1) table -> (heads, H, W, k*k) bias of every query's window slots."""
     return rpb[:, rel_r, rel_c]
+
+
+class GridBias:
+    """An extra-key logit bias given by factors instead of in full: for extra keys that form a ph x pw
+    grid (TransNeXt's pooled tokens), bias[h, y, x, i * pw + j] = table[h, index_h[y, i], index_w[x, j]].
+
+    table (heads | 1, Uh, Uw); index_h (H, ph) and index_w (W, pw) int64 into its rows / columns.
+    The full (1, heads, H, W, ph * pw) tensor grows with the map squared (805 MB for TransNeXt-T stage 1
+    at 1024x1024); backends that tile queries expand only the rows of a tile (:meth:`rows`), the others
+    call :meth:`materialize`. Gradients flow to ``table`` either way."""
+
+    def __init__(self, table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor):
+        if table.dim() != 3 or index_h.dim() != 2 or index_w.dim() != 2:
+            raise ValueError(f'GridBias: table (heads, Uh, Uw), index_h (H, ph), index_w (W, pw) expected, got '
+                             f'{tuple(table.shape)}, {tuple(index_h.shape)}, {tuple(index_w.shape)}')
+        self.table, self.index_h, self.index_w = table, index_h, index_w
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.table.requires_grad
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        (H, ph), (W, pw) = self.index_h.shape, self.index_w.shape
+        return (1, self.table.shape[0], H, W, ph * pw)
+
+    def dim(self) -> int:
+        return 5
+
+    def to(self, dtype: torch.dtype) -> 'GridBias':
+        return GridBias(self.table.to(dtype), self.index_h, self.index_w)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """(1, heads, r1 - r0, W, ph * pw): the bias of query rows [r0, r1)."""
+        ih, iw = self.index_h[r0:r1], self.index_w
+        t = self.table[:, ih[:, None, :, None], iw[None, :, None, :]]       # (heads, t, W, ph, pw)
+        return t.flatten(-2)[None]
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows(0, self.index_h.shape[0])
+
+
+def full_bias(extra_bias):
+    """A GridBias expanded to its tensor; tensors and None pass through."""
+    return extra_bias.materialize() if isinstance(extra_bias, GridBias) else extra_bias
+
+
+def bias_rows(extra_bias, r0: int, r1: int):
+    """Rows [r0, r1) of an extra bias, tensor (B | 1, heads | 1, H, W, P) or GridBias."""
+    if isinstance(extra_bias, GridBias):
+        return extra_bias.rows(r0, r1)
+    return extra_bias[..., r0:r1, :, :]

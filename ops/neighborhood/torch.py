@@ -1,6 +1,7 @@
 """Neighborhood attention fast path in plain PyTorch: query rows in tiles, so the gathered K/V
 windows and the logits (window + extra keys) exist for one tile at a time (memory bounded by the
 tile, not the map); window logits and outputs by batched matmuls instead of broadcast products.
+An extra bias given as a ``GridBias`` is expanded one tile at a time too.
 
 Inference on CPU with extra keys: the extra-key attention runs in SDPA's fused kernel, which also
 returns its log-sum-exp, and is merged with the window part as two pieces of one softmax
@@ -44,7 +45,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         if ekt is not None:
             se = (qt.flatten(2, 3) @ ekt).unflatten(2, (r1 - r0, W)).to(ct) * scale
             if extra_bias is not None:
-                se = se + extra_bias[..., r0:r1, :, :].to(ct)
+                se = se + G.bias_rows(extra_bias, r0, r1).to(ct)
             s = torch.cat([s, se], dim=-1)
         p = torch.softmax(s, dim=-1).to(v.dtype)
         o = (p[..., None, :K2] @ vf[:, :, it]).squeeze(-2)                  # (B, h, t, W, Dv)
@@ -61,7 +62,7 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale):
     """One query tile: window logits s (B, h, t, W, k*k) and gathered values vg, extra keys through
     SDPA (output + log-sum-exp), merged as one softmax."""
     B, h, t, W, D = qt.shape
-    mask = None if extra_bias is None else extra_bias[..., r0:r1, :, :].flatten(2, 3).to(qt.dtype)
+    mask = None if extra_bias is None else G.bias_rows(extra_bias, r0, r1).flatten(2, 3).to(qt.dtype)
     o_e, lse = _LSE_SDPA(qt.flatten(2, 3), extra_k, extra_v, 0.0, False, attn_mask=mask, scale=scale)
     lse = lse.view(B, h, t, W, 1)
     m = torch.maximum(s.amax(-1, keepdim=True), lse)                       # finite: lse is

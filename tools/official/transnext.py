@@ -30,16 +30,28 @@ FIXTURES = {
 }
 
 
-def build_official(repo: str, official_kwargs: dict, size: tuple):
-    import torch.nn as nn
-    from functools import partial
-    if size[0] != size[1]:
-        raise ValueError(f'the official TransNeXt takes square inputs only, got {size}')
+def _official_module(repo: str):
     path = f'{repo}/classification'
     if path not in sys.path:
         sys.path.insert(0, path)
     with contextlib.redirect_stdout(io.StringIO()):      # it prints which attention it loaded
         import transnext
-    return transnext.TransNeXt(img_size=size[0], pretrain_size=224, window_size=[3, 3, 3, None], patch_size=4,
-                               qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), sr_ratios=[8, 4, 2, 1],
-                               **official_kwargs)
+    return transnext
+
+
+def build_official(repo: str, official_kwargs: dict, size: tuple):
+    import torch.nn as nn
+    from functools import partial
+    if size[0] != size[1]:
+        raise ValueError(f'the official TransNeXt takes square inputs only, got {size}')
+    return _official_module(repo).TransNeXt(
+        img_size=size[0], pretrain_size=224, window_size=[3, 3, 3, None], patch_size=4, qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), sr_ratios=[8, 4, 2, 1], **official_kwargs)
+
+
+VARIANTS = {v: f'mz_transnext_{v}' for v in ('micro', 'tiny', 'small', 'base')}
+
+
+def build_variant(repo: str, variant: str, size: tuple):
+    """The released architecture ``transnext_<variant>`` built for ``size`` (pretrain size 224)."""
+    return getattr(_official_module(repo), f'transnext_{variant}')(img_size=size[0], pretrain_size=224)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""A zoo model beside its official implementation, measured in one run on this machine: logits
+difference with the same weights, forward and forward+backward throughput (interleaved repetitions,
+best of each, as ratios) and peak memory of one forward at a large input (the official model rebuilt for
+that size where it is tied to one).
+
+    python tools/official_bench.py --family transnext --official-repo PATH [--variant tiny]
+        [--size 224] [--batch 8] [--reps 5] [--memory-size 1024]
+
+The official code is imported first, from the recipe in tools/official/<family>.py (which declares
+VARIANTS = {variant: zoo name} and build_variant(repo, variant, size)); official top-level packages whose
+names clash with the zoo's (BiFormer has an ``ops``) are moved aside in sys.modules before the zoo loads.
+Peak memory: tools/opbench.peak_mb (on CPU the running sum of the profiler's per-op allocations).
+"""
+import argparse
+import importlib.util
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+        name = next(ln.split(':', 1)[1].strip() for ln in out.splitlines() if ln.startswith('Model name'))
+    except Exception:
+        name = platform.processor() or platform.machine()
+    return f'{name}, {torch.get_num_threads()} torch threads'
+
+
+def set_aside_clashing_modules(zoo_packages=('ops', 'backbones', 'tools')):
+    """Official top-level modules named like the zoo's packages go to sys.modules['_official_<name>']."""
+    for k in list(sys.modules):
+        top = k.split('.')[0]
+        mod = sys.modules[k]
+        f = getattr(mod, '__file__', None) or ''
+        if top in zoo_packages and not f.startswith(str(ROOT)):
+            sys.modules[f'_official_{k}'] = sys.modules.pop(k)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--family', required=True)
+    ap.add_argument('--official-repo', required=True, type=Path)
+    ap.add_argument('--variant', default='tiny')
+    ap.add_argument('--size', type=int, default=224)
+    ap.add_argument('--batch', type=int, default=8)
+    ap.add_argument('--reps', type=int, default=5)
+    ap.add_argument('--memory-size', type=int, default=1024, help='input side for the peak-memory row (0: skip)')
+    ap.add_argument('--no-backward', action='store_true')
+    args = ap.parse_args(argv)
+    rec = _load(HERE / 'official' / f'{args.family}.py', f'mixzoo_official_recipe_{args.family}')
+    repo = str(args.official_repo.resolve())
+    name = rec.VARIANTS[args.variant]
+    official = rec.build_variant(repo, args.variant, (args.size, args.size))
+    set_aside_clashing_modules()
+    sys.path[:] = [p for p in sys.path if not p.startswith(repo)]
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(HERE))
+    import timm
+    import backbones  # noqa: F401
+    from backbones._random import randomize_
+    from opbench import best_time, peak_mb
+
+    randomize_(official)
+    weights = official.state_dict()
+    zoo = timm.create_model(name)
+    zoo.load_state_dict(sys.modules[type(zoo).__module__].checkpoint_filter_fn(dict(weights), zoo))
+    official.eval(), zoo.eval()
+    print(f'# {name} vs official {rec.REPO} ({args.variant}), CPU: {cpu_model()}, torch {torch.__version__}')
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    with torch.inference_mode():
+        a, b = official(x), zoo(x)
+    print(f'max |zoo - official| / max |official| = {((a - b).abs().max() / a.abs().max()).item():.2e} '
+          f'({args.size}x{args.size}, batch {args.batch}, float32, same weights)')
+    rows = []
+
+    def fwd(m):
+        with torch.inference_mode():
+            m(x)
+    t = best_time({'official': lambda: fwd(official), 'zoo': lambda: fwd(zoo)}, args.reps, 'cpu')
+    rows.append(('forward', t))
+    if not args.no_backward:
+        official.train(), zoo.train()
+
+        def fwd_bwd(m):
+            m(x).square().mean().backward()
+            m.zero_grad(set_to_none=True)
+        t = best_time({'official': lambda: fwd_bwd(official), 'zoo': lambda: fwd_bwd(zoo)}, max(2, args.reps // 2), 'cpu')
+        rows.append(('forward+backward', t))
+        official.eval(), zoo.eval()
+    print(f'| {"pass":<18} | official img/s | zoo img/s | zoo / official |\n|---|---|---|---|')
+    for what, t in rows:
+        print(f'| {what:<18} | {args.batch / t["official"]:14.2f} | {args.batch / t["zoo"]:9.2f} | '
+              f'{t["official"] / t["zoo"]:13.2f}x |')
+    if args.memory_size:
+        S = args.memory_size
+        big = rec.build_variant(repo, args.variant, (S, S))
+        big.load_state_dict(weights)
+        big.eval()
+        xb = torch.randn(1, 3, S, S)
+
+        def one(m):
+            with torch.inference_mode():
+                m(xb)
+        mo, mz = peak_mb(lambda: one(big), 'cpu'), peak_mb(lambda: one(zoo), 'cpu')
+        print(f'peak memory of one forward at {S}x{S} (batch 1, inference): official {mo:.0f} MB, zoo {mz:.0f} MB '
+              f'(zoo / official = {mz / mo:.3f})')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
