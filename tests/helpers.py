@@ -14,6 +14,8 @@ def official_layout(family: str, state_dict):
     """A zoo state dict renamed to the family's official release layout (the inverse of its filter),
     for families whose reference is the official repository."""
     import re
+    if family == 'biformer':
+        return _biformer_official_layout(state_dict)
     if family != 'transnext':
         raise KeyError(f'no official layout for {family}')
     out = {}
@@ -21,5 +23,20 @@ def official_layout(family: str, state_dict):
         k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', k)
         k = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', k)
         k = re.sub(r'^stages\.(\d)\.norm\.', lambda m: f'norm{int(m[1]) + 1}.', k)
+        out[k.replace('head.fc.', 'head.')] = v
+    return out
+
+
+def _biformer_official_layout(state_dict):
+    """rayleizhu/BiFormer names: downsample_layers.{i}, stages.{i}.{j}, attn.qkv.qkv / attn.wo in the routing
+    stages, mlp.0 / mlp.3, head."""
+    import re
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^stages\.(\d)\.downsample\.', r'downsample_layers.\1.', k)
+        k = re.sub(r'^stages\.(\d)\.blocks\.', r'stages.\1.', k)
+        if re.match(r'^stages\.[0-2]\.', k):     # (stage 4's global attention keeps attn.qkv / attn.proj)
+            k = k.replace('.attn.qkv.', '.attn.qkv.qkv.').replace('.attn.proj.', '.attn.wo.')
+        k = k.replace('.mlp.fc1.', '.mlp.0.').replace('.mlp.fc2.', '.mlp.3.')
         out[k.replace('head.fc.', 'head.')] = v
     return out

@@ -23,9 +23,12 @@ RUN = [n for n, m in MODELS.items() if not m.build_only]
 # parameter counts measured with the official code (../shared/OFFICIAL-FACTS.md), 1000 classes
 OFFICIAL_PARAMS = {'mz_transnext_micro': 12_809_304, 'mz_transnext_tiny': 28_258_960,
                    'mz_transnext_small': 49_741_564, 'mz_transnext_base': 89_721_496,
-                   'mz_l2vit_tiny': 28_596_781, 'mz_l2vit_small': 50_199_157, 'mz_l2vit_base': 88_577_188}
+                   'mz_l2vit_tiny': 28_596_781, 'mz_l2vit_small': 50_199_157, 'mz_l2vit_base': 88_577_188,
+                   'mz_biformer_tiny': 13_142_760, 'mz_biformer_small': 25_536_232, 'mz_biformer_base': 56_804_968}
 OFFICIAL_KEYS = {'mz_transnext_micro': 617, 'mz_transnext_tiny': 617, 'mz_transnext_small': 1054,
-                 'mz_transnext_base': 1083, 'mz_l2vit_tiny': 284, 'mz_l2vit_small': 536, 'mz_l2vit_base': 536}
+                 'mz_transnext_base': 1083, 'mz_l2vit_tiny': 284, 'mz_l2vit_small': 536, 'mz_l2vit_base': 536,
+                 'mz_biformer_tiny': 264, 'mz_biformer_small': 518,
+                 'mz_biformer_base': 518}
 # second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
 # grid, 32 * window); PoolFormer takes any size, so a non-square odd one
 SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257),
