@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
     p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
     p.add_argument('--csv', default=None, help='append rows to this CSV file')
-    p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo, neighborhood): time and peak '
+    p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo, neighborhood, routing): time and peak '
                                                'memory on its family\'s shapes (tools/opbench.py)')
     p.add_argument('--backward', action='store_true', help='with --op: time forward+backward')
     args = p.parse_args(argv)

@@ -1,10 +1,10 @@
-"""Op benchmarks (``python tools/benchmark.py --op window|halo``): time and peak memory of every
+"""Op benchmarks (``python tools/benchmark.py --op window|halo|neighborhood|routing``): time and peak memory of every
 backend of an op that can run here, side by side in one run, on the shapes of the family that uses
 it; for ``halo`` also timm's HaloAttn module beside the zoo's mixer (same weights, 1x1 projections
 included), at halonet26t's stage-3 shape.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the running sum of the profiler's
-per-op self allocations (memory alive beyond the inputs during the call).
+Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the highest allocator total the profiler's
+allocation events report during the call, less the total before it (memory alive beyond the inputs).
 """
 import os
 import statistics
@@ -43,11 +43,20 @@ def peak_mb(fn: Callable, device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     with _quiet_stderr(), torch.profiler.profile(profile_memory=True) as prof:
         fn()
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2 ** 20
+    # the allocator's running total at each allocation event (summing the ops' self usage instead counts a free
+    # inside an autograd.Function or other enclosing event at that event's start, before the allocations)
+    allocs = []
+    todo = list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        todo.extend(node.children)
+        ef = node.extra_fields
+        if isinstance(ef, torch._C._profiler._ExtraFields_Allocation) and ef.device.type == 'cpu':
+            allocs.append((node.start_time_ns, ef.alloc_size, ef.total_allocated))
+    if not allocs:
+        return 0.
+    allocs.sort()
+    return (max(a[2] for a in allocs) - (allocs[0][2] - allocs[0][1])) / 2 ** 20
 
 
 def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = True,
@@ -91,9 +100,10 @@ def _report(title, fns, reps, device, backward):
 def _call(fn, backward, *tensors):
     def run():
         if backward:
+            fn().float().sum().backward()
+            # cleared after the call: freed before it, the last call's gradients would count against the peak
             for t in tensors:
                 t.grad = None
-            fn().float().sum().backward()
         else:
             with torch.no_grad():
                 fn()
@@ -172,4 +182,23 @@ def neighborhood(args):
                 f'3x3 window + {pool} pooled keys)', fns, args.reps, dev, args.backward)
 
 
-OPS = {'window': window, 'halo': halo, 'neighborhood': neighborhood}
+def routing(args):
+    from ops import routed_attention
+    dev, dt = args.device, getattr(torch, args.dtype)
+    # BiFormer-T stage 1: 2 heads of 32, n_win 7 (the map padded to a multiple of 7), topk 1, scale qk_dim^-0.5;
+    # the 1024 input at batch 1 (a 37x37-token region's logits are 1369^2 per head: the reference needs GBs)
+    for img, batch in ((224, args.batch_size), (1024, 1)):
+        side = -(-(img // 4) // 7)
+        R, T, h, D, topk = 49, side * side, 2, 32, 1
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(batch, h, R, T, D, generator=g).to(dev, dt).requires_grad_(args.backward)
+                   for _ in range(3))
+        idx = torch.rand(batch, R, R, generator=g).argsort(-1)[..., :topk].to(dev)
+        call = _dispatch.Call.of(q, head_dim=D, tokens=T, keys=topk * T, topk=topk)
+        fns = {be: _call(lambda be=be: routed_attention(q, k, v, idx, (h * D) ** -0.5, backend=be), args.backward,
+                         q, k, v) for be in _runnable('routing', call)}
+        _report(f'routed attention, BiFormer-T stage-1 shape at {img} input ({batch} x {h} heads x {R} regions x '
+                f'{T} tokens x {D}, topk {topk})', fns, args.reps, dev, args.backward)
+
+
+OPS = {'window': window, 'halo': halo, 'neighborhood': neighborhood, 'routing': routing}

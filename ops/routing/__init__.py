@@ -38,7 +38,7 @@ import torch
 
 from .._dispatch import Backend, Call, register, select, tracing, triton_interpreter_limits, triton_unavailable
 from ..window.partition import pad_map, padded_size, partition, unpartition
-from . import online as _online
+from . import blocked as _blocked
 from . import reference as _reference
 
 __all__ = ['routing_topk', 'routed_attention', 'bilevel_routing_attention', 'to_regions', 'from_regions',
@@ -59,10 +59,10 @@ register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices
                  doc='fused forward + backward reading the routed regions\' K/V in place (no gather), online '
                      'softmax in fp32, dK/dV over the inverse routing (no atomics); CPU only under '
                      'TRITON_INTERPRET=1 and when forced (tests)'))
-register(Backend(OP, 'torch', _online.routed_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='one routed region at a time (a K/V-sized transient, no topk-fold copy), merged by online '
-                     'softmax; fused flash-attention kernel per slot on CPU (D == Dv), chunked matmuls elsewhere; '
-                     'backward recomputes from the log-sum-exp'))
+register(Backend(OP, 'torch', _blocked.routed_attention, dtypes=_FLOATS + (torch.float64,),
+                 doc='blocks of query regions, each gathering only its routed K/V (bounded copy, never topk-fold '
+                     'of the whole); fused flash-attention kernel per block on CPU (D == Dv), matmuls + softmax '
+                     'elsewhere; backward recomputes from the log-sum-exp'))
 register(Backend(OP, 'reference', _reference.routed_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='gathers the topk routed regions\' keys / values (a topk-fold copy), explicit softmax (oracle)'))
 
@@ -151,7 +151,7 @@ def _validate(q, k, v, idx):
         raise ValueError(f'routed_attention: idx is on {idx.device}, q on {q.device}')
     # the range check reads the data: not on meta tensors, nor while tracing (it would be a graph break)
     if idx.device.type != 'meta' and not tracing():
-        lo, hi = idx.min().item(), idx.max().item()
+        lo, hi = (t.item() for t in torch.aminmax(idx))
         if lo < 0 or hi >= R:
             raise ValueError(f'routed_attention: idx values must lie in [0, R={R}), got [{lo}, {hi}]')
 
