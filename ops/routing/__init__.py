@@ -54,11 +54,12 @@ def _triton_fn(*args):
     return _triton.routed_attention(*args)
 
 
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS,
+# not yet run on a GPU (none lent so far): used only when forced, until validated there (then auto_devices=('cuda',))
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS,
                  head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
                  doc='fused forward + backward reading the routed regions\' K/V in place (no gather), online '
-                     'softmax in fp32, dK/dV over the inverse routing (no atomics); CPU only under '
-                     'TRITON_INTERPRET=1 and when forced (tests)'))
+                     'softmax in fp32, dK/dV over the inverse routing (no atomics); only when forced (not yet '
+                     'validated on a GPU; CPU under TRITON_INTERPRET=1)'))
 register(Backend(OP, 'torch', _blocked.routed_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='blocks of query regions, each gathering only its routed K/V (bounded copy, never topk-fold '
                      'of the whole); fused flash-attention kernel per block on CPU (D == Dv), matmuls + softmax '
