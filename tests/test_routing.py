@@ -168,3 +168,18 @@ def test_torch_backend_flash_path_in_several_blocks(monkeypatch):
     ref.sum().backward()
     for a, b in ((q, qd), (k, kd), (v, vd)):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_triton_custom_ops_opcheck():
+    """The Triton kernels as torch custom ops: fake (meta) shapes, autograd registration and schema agree
+    with the real kernels (under the interpreter on CPU)."""
+    pytest.importorskip('triton', reason='missing dependency: triton')
+    from ops._dispatch import triton_unavailable
+    if triton_unavailable():
+        pytest.skip('backend cannot run here: ' + triton_unavailable())
+    from ops.routing import triton as rt
+    q, k, v = _qkv(B=1, h=2, R=3, T=4, D=8, Tk=5, Dv=16, dtype=torch.float32, grad=True)
+    idx = torch.tensor([[[2, 0], [1, 1], [0, 2]]])
+    torch.library.opcheck(rt._fwd_op, (q, k, v, idx, 0.3))
+    out = rt.routed_attention(q, k, v, idx, 0.3)
+    assert out.shape == (1, 2, 3, 4, 16) and out.permute(0, 2, 3, 1, 4).is_contiguous()   # heads-last storage
