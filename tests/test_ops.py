@@ -93,7 +93,7 @@ def halo_cases() -> List[Case]:
 
 # ---- neighborhood attention ------------------------------------------------------------------
 
-def _nbhd_case(B, h, D, H, W, kernel, dilation, border, rpb, extra, Dv=None):
+def _nbhd_case(B, h, D, H, W, kernel, dilation, border, rpb, extra, Dv=None, ww=False):
     Dv = Dv or D
 
     def make(dtype, device):
@@ -107,9 +107,11 @@ def _nbhd_case(B, h, D, H, W, kernel, dilation, border, rpb, extra, Dv=None):
             kw['rpb'] = t(h, 2 * kernel - 1, 2 * kernel - 1, s=0.5)
         if extra:
             kw.update(extra_k=t(B, h, extra, D), extra_v=t(B, h, extra, Dv), extra_bias=t(1, h, H, W, extra, s=0.5))
+        if ww:
+            kw['window_weights'] = t(B, h, H, W, kernel * kernel, s=0.3)
         return kw
     tag = (f'B{B}h{h}d{D}-{H}x{W}-k{kernel}d{dilation}-{border}' + ('-rpb' if rpb else '')
-           + (f'-extra{extra}' if extra else ''))
+           + (f'-extra{extra}' if extra else '') + ('-ww' if ww else ''))
     return Case(tag, make, tiny=B * h * H * W <= 256)
 
 
@@ -121,7 +123,9 @@ def neighborhood_cases() -> List[Case]:
               _nbhd_case(1, 2, 8, 11, 10, 3, 2, 'shift', True, 3),
               _nbhd_case(1, 1, 8, 4, 3, 7, 1, 'mask', True, 2),             # map smaller than the window
               _nbhd_case(1, 1, 8, 4, 3, 5, 1, 'shift', False, 0),
-              _nbhd_case(1, 2, 24, 14, 14, 3, 1, 'mask', True, 49)]         # TransNeXt-like: 3x3 + 7x7 pooled
+              _nbhd_case(1, 2, 24, 14, 14, 3, 1, 'mask', True, 49),         # TransNeXt-like: 3x3 + 7x7 pooled
+              _nbhd_case(1, 2, 8, 6, 5, 3, 1, 'mask', True, 4, ww=True),    # + its learnable-token weights
+              _nbhd_case(1, 1, 8, 5, 6, 5, 1, 'shift', False, 0, ww=True)]
     cases[0].gradcheck = True
     return cases
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ops import neighborhood_aggregate, neighborhood_attention
+from ops import neighborhood_attention
 from ops.neighborhood import GridBias
 from ops.neighborhood.geometry import windows as window_geometry
 
@@ -144,13 +144,14 @@ class AggregatedAttention(_CosineQueryMixin):
         in_map = window_geometry(H, W, k, 1, 'mask', x.device)[1].sum(-1).float()              # (H, W)
         scale = torch.log(in_map + ph * pw)
         dt = v_loc.dtype     # (under autocast the normalised / scaled terms come out in float32)
+        # query-dependent weights on the local values (from the un-scaled normalised query), added to the
+        # window probabilities inside the op: one pass over the window values for both terms
+        tokens = qn @ self.learnable_tokens[:, None] + self.learnable_bias[:, None]             # (B, h, H, W, k*k)
         o = neighborhood_attention(
             self._scaled_query(qn, scale).to(dt), k_loc.to(dt), v_loc, k, rpb=self._local_bias_table().to(dt),
             extra_k=k_pool.to(dt), extra_v=v_pool.to(dt),
-            extra_bias=self._position_bias(H, W, ph, pw, x).to(dt), scale=1.0, border='mask')
-        # query-dependent weights on the local values (from the un-scaled normalised query)
-        tokens = qn @ self.learnable_tokens[:, None] + self.learnable_bias[:, None]             # (B, h, H, W, k*k)
-        o = o + neighborhood_aggregate(tokens.to(dt), v_loc, k, border='mask')
+            extra_bias=self._position_bias(H, W, ph, pw, x).to(dt), scale=1.0, border='mask',
+            window_weights=tokens.to(dt))
         return self.proj_drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
 
 

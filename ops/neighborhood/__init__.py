@@ -1,7 +1,7 @@
 """Neighborhood (sliding-window) attention on a 2-D map, with optional extra keys in the same softmax.
 
     out = neighborhood_attention(q, k, v, kernel_size, dilation=1, rpb=None, extra_k=None, extra_v=None,
-                                 extra_bias=None, scale=None, border='mask', backend=None)
+                                 extra_bias=None, scale=None, border='mask', window_weights=None, backend=None)
 
 q, k    (B, heads, H, W, D); v (B, heads, H, W, Dv): every query attends to the kernel x kernel
         window of keys around it (kernel odd; keys ``dilation`` apart).
@@ -12,6 +12,9 @@ extra_k, extra_v  optional (B, heads, P, D) / (B, heads, P, Dv) keys shared by a
 extra_bias  optional (B | 1, heads | 1, H, W, P) logit bias of the extra keys, or a ``GridBias``
         (the same bias by factors, for extra keys on a grid: expanded a query tile at a time).
 scale   multiplies q . k for window and extra keys (default D ** -0.5); biases are added after.
+window_weights  optional (B, heads, H, W, k*k) added to the window slots' softmax probabilities before
+        they weight the values (out-of-map slots count 0): TransNeXt's query-dependent "learnable
+        tokens" term, in the same pass over the window values.
 border  'mask': window centred, out-of-map keys excluded (TransNeXt); 'shift': window shifted
         inward to stay k x k (NATTEN / NAT). Maps smaller than the window work under both.
 Returns (B, heads, H, W, Dv).
@@ -31,10 +34,12 @@ OP = 'neighborhood'
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _triton_fn(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, scale, border):
+def _triton_fn(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, scale, border, window_weights=None):
     from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.neighborhood_attention(q, k, v, kernel, dilation, rpb, extra_k, extra_v, full_bias(extra_bias),
-                                          scale, border)
+    out = _triton.neighborhood_attention(q, k, v, kernel, dilation, rpb, extra_k, extra_v, full_bias(extra_bias),
+                                         scale, border)
+    # (the kernels take no window weights: their term is the same sum over the window, added after)
+    return out if window_weights is None else out + neighborhood_aggregate(window_weights, v, kernel, dilation, border)
 
 
 # not yet run on a GPU (none lent so far): used only when forced, until validated there
@@ -48,13 +53,16 @@ register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLO
                  doc='gathered windows + explicit softmax (oracle)'))
 
 
-def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, border):
+def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, border, window_weights=None):
     name = 'neighborhood_attention'
+    if window_weights is not None and tuple(window_weights.shape) != (*q.shape[:4], kernel * kernel):
+        raise ValueError(f'{name}: window_weights must be (B, heads, H, W, k*k) = {(*q.shape[:4], kernel * kernel)}, '
+                         f'got {tuple(window_weights.shape)}')
     if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4]:
         raise ValueError(f'{name}: q, k must be (B, heads, H, W, D) and v (B, heads, H, W, Dv); got '
                          f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
     named = (('q', q), ('k', k), ('v', v), ('rpb', rpb), ('extra_k', extra_k), ('extra_v', extra_v),
-             ('extra_bias', extra_bias))
+             ('extra_bias', extra_bias), ('window_weights', window_weights))
     dts = {n: t.dtype for n, t in named if t is not None}
     if len(set(dts.values())) > 1:
         raise TypeError(f'{name}: all tensors must have one dtype, got ' + ', '.join(
@@ -91,12 +99,15 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            rpb: Optional[torch.Tensor] = None, extra_k: Optional[torch.Tensor] = None,
                            extra_v: Optional[torch.Tensor] = None, extra_bias: Optional[torch.Tensor] = None,
                            scale: Optional[float] = None, border: str = 'mask',
+                           window_weights: Optional[torch.Tensor] = None,
                            backend: Optional[str] = None) -> torch.Tensor:
-    _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border)
-    call = Call.of(q, k, v, rpb, extra_k, extra_v, getattr(extra_bias, 'table', extra_bias), head_dim=q.shape[-1],
-                   window_area=kernel_size * kernel_size)
-    return select(OP, call, backend).fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias,
-                                        scale, border)
+    _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border, window_weights)
+    call = Call.of(q, k, v, rpb, extra_k, extra_v, getattr(extra_bias, 'table', extra_bias), window_weights,
+                   head_dim=q.shape[-1], window_area=kernel_size * kernel_size)
+    fn = select(OP, call, backend).fn
+    if window_weights is None:
+        return fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, scale, border)
+    return fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, scale, border, window_weights)
 
 
 def neighborhood_aggregate(weights: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1,

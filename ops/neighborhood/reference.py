@@ -6,7 +6,7 @@ from . import geometry as G
 
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
-                           scale=None, border='mask'):
+                           scale=None, border='mask', window_weights=None):
     B, h, H, W, D = q.shape
     extra_bias = G.full_bias(extra_bias)
     scale = D ** -0.5 if scale is None else scale
@@ -24,7 +24,8 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         s = torch.cat([s, se], dim=-1)
     p = torch.softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1).to(v.dtype)
     K2 = kernel * kernel
-    out = (p[..., :K2, None] * vg).sum(-2)
+    pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights.masked_fill(~valid, 0)
+    out = (pw[..., None] * vg).sum(-2)
     if extra_k is not None:
         out = out + torch.einsum('bhxyp,bhpd->bhxyd', p[..., K2:], extra_v)
     return out

@@ -16,7 +16,7 @@ TILE_TOKENS = 4096     # queries per tile
 
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
-                           scale=None, border='mask'):
+                           scale=None, border='mask', window_weights=None):
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
     K2 = kernel * kernel
@@ -31,7 +31,10 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     rows = max(1, TILE_TOKENS // W)
     fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
              and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                      for t in (q, k, v, rpb, extra_k, extra_v, extra_bias))))
+                                                      for t in (q, k, v, rpb, extra_k, extra_v, extra_bias,
+                                                                window_weights))))
+    if window_weights is not None:          # out-of-map slots gather a clamped key: their weight must be 0
+        window_weights = window_weights * valid.to(window_weights.dtype)
     outs = []
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
@@ -40,7 +43,8 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         s = (kf[:, :, it] @ qt.unsqueeze(-1)).squeeze(-1).to(ct) * scale   # (B, h, t, W, k*k)
         s = s + add[..., r0:r1, :, :]
         if ekt is not None and fused:
-            outs.append(_merge_extra(qt, s, vf[:, :, it], extra_k, extra_v, extra_bias, r0, r1, scale))
+            ww = None if window_weights is None else window_weights[:, :, r0:r1]
+            outs.append(_merge_extra(qt, s, vf[:, :, it], extra_k, extra_v, extra_bias, r0, r1, scale, ww))
             continue
         if ekt is not None:
             se = (qt.flatten(2, 3) @ ekt).unflatten(2, (r1 - r0, W)).to(ct) * scale
@@ -48,7 +52,8 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
                 se = se + G.bias_rows(extra_bias, r0, r1).to(ct)
             s = torch.cat([s, se], dim=-1)
         p = torch.softmax(s, dim=-1).to(v.dtype)
-        o = (p[..., None, :K2] @ vf[:, :, it]).squeeze(-2)                  # (B, h, t, W, Dv)
+        pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights[:, :, r0:r1]
+        o = (pw.unsqueeze(-2) @ vf[:, :, it]).squeeze(-2)                   # (B, h, t, W, Dv)
         if ekt is not None:
             o = o + (p[..., K2:].flatten(2, 3) @ extra_v).unflatten(2, (r1 - r0, W))
         outs.append(o)
@@ -58,9 +63,10 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
 _LSE_SDPA = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
-def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale):
+def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None):
     """One query tile: window logits s (B, h, t, W, k*k) and gathered values vg, extra keys through
-    SDPA (output + log-sum-exp), merged as one softmax."""
+    SDPA (output + log-sum-exp), merged as one softmax; window weights ww added to the window
+    probabilities."""
     B, h, t, W, D = qt.shape
     mask = None if extra_bias is None else G.bias_rows(extra_bias, r0, r1).flatten(2, 3).to(qt.dtype)
     o_e, lse = _LSE_SDPA(qt.flatten(2, 3), extra_k, extra_v, 0.0, False, attn_mask=mask, scale=scale)
@@ -68,5 +74,9 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale):
     m = torch.maximum(s.amax(-1, keepdim=True), lse)                       # finite: lse is
     a = torch.exp(s - m)
     a_e = torch.exp(lse - m)
-    o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).float() + a_e * o_e.view(B, h, t, W, -1).float()
-    return (o / (a.sum(-1, keepdim=True) + a_e)).to(qt.dtype)
+    if ww is None:
+        o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).float() + a_e * o_e.view(B, h, t, W, -1).float()
+        return (o / (a.sum(-1, keepdim=True) + a_e)).to(qt.dtype)
+    inv = 1.0 / (a.sum(-1, keepdim=True) + a_e)
+    pw = (a * inv + ww).to(vg.dtype)
+    return ((pw.unsqueeze(-2) @ vg).squeeze(-2).float() + (a_e * inv) * o_e.view(B, h, t, W, -1).float()).to(qt.dtype)
