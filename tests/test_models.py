@@ -40,7 +40,7 @@ SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257
 GMACS_TOL = {'mz_maxvit_base_tf_224': 0.025}
 SLOW = {'mz_maxvit_small_tf_224', 'mz_halonet50ts', 'mz_halonet_h1', 'mz_sehalonet33ts', 'mz_davit_small',
         'mz_shvit_s3', 'mz_shvit_s4', 'mz_maxvit_tiny_tf_384', 'mz_poolformer_m36', 'mz_poolformer_s36',
-        'mz_l2vit_small'}
+        'mz_l2vit_small', 'mz_biformer_small'}
 
 
 def _marks(name):
