@@ -47,6 +47,15 @@ RECIPES = {
         'variants': [('mz_transnext_tiny', 'transnext-tiny'), ('mz_transnext_small', 'transnext-small')],
         'backbone': dict(),      # its stages already end in a LayerNorm (the official dense outputs)
         'note': "Swin's recipe (the official TransNeXt dense configs could not be read here)"},
+    'l2vit': dict(
+        variants=[('mz_l2vit_tiny', 'l2vit-tiny'), ('mz_l2vit_small', 'l2vit-small')],
+        backbone=dict(out_norm='ln'),   # the official dense backbone adds a LayerNorm per output (norm{i})
+        drop_path=dict(det=(0.1, 0.1), seg=(0.3, 0.3)),
+        det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)),
+        seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), poly_power=1.0,
+                 warmup=1500),
+        note='ChuanyangZheng/L2ViT dense configs (AdamW, no decay exemptions; its multi-scale det train '
+             "pipeline not copied); Semantic FPN, which it has no config for: UperNet's optimizer"),
     'halonet': dict(
         variants=[('mz_halonet26t', 'halonet26t'), ('mz_halonet50ts', 'halonet50ts')],
         backbone=dict(frozen_stages=1),
