@@ -54,7 +54,10 @@ def candidate_files(name: str, tag: Optional[str] = None) -> List[Path]:
     e = checkpoint_entry(name, tag)
     if e:
         out.append(d / e['file'])
-        out += [d / s['url'].rsplit('/', 1)[-1] for s in e['sources'] if not s['url'].endswith('/model.safetensors')]
+        # a source URL's last part where it is a file name (not HF's generic model.safetensors, nor the bare
+        # 'content' of a OneDrive share link)
+        names = [s['url'].rsplit('/', 1)[-1] for s in e['sources']]
+        out += [d / n for n in names if n != 'model.safetensors' and '.' in n]
     return out
 
 

@@ -105,3 +105,17 @@ def test_biformer_dense_task_grid_and_bad_settings():
         timm.create_model('mz_biformer_tiny', topks=(1, 4, 0, -2))
     with pytest.raises(ValueError, match='multiples of head_dim'):
         timm.create_model('mz_biformer_tiny', embed_dims=(48, 128, 256, 512))
+
+
+def test_biformer_release_file_found_in_the_weights_folder(tmp_path, monkeypatch):
+    """pretrained=True names the official file and its OneDrive source when absent (not the link's bare
+    'content'), and loads the release file ({'model': ...}) under its official name."""
+    monkeypatch.setenv('MIXZOO_WEIGHTS', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r'(?s)biformer_tiny_in1k\.pth.*api\.onedrive\.com') as e:
+        timm.create_model('mz_biformer_tiny', pretrained=True)
+    assert str(tmp_path / 'content') not in str(e.value)
+    zoo = randomize_(timm.create_model('mz_biformer_tiny')).eval()
+    torch.save({'model': official_layout('biformer', zoo.state_dict())}, tmp_path / 'biformer_tiny_in1k.pth')
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model('mz_biformer_tiny', pretrained=True).eval()(x), zoo(x))

@@ -29,6 +29,15 @@ OFFICIAL_RELEASES = {
     'transnext': lambda v: dict(tag='in1k', file=f'transnext_{v}_224_1k.pth', sources=[{
         'url': f'https://huggingface.co/DaiShiResearch/transnext-{v}-224-1k/resolve/main/transnext_{v}_224_1k.pth',
         'layout': 'official', 'format': 'torch'}], resolution=224),
+    # the OneDrive links of rayleizhu/BiFormer's README (models/biformer.py model_urls); the file name is the
+    # one its loader saves them under ({'model': state_dict, ...})
+    'biformer': lambda v: dict(tag='in1k', file=f'biformer_{v}_in1k.pth', sources=[{
+        'url': _BIFORMER_URLS[v], 'layout': 'official', 'format': 'torch'}], resolution=224),
+}
+_BIFORMER_URLS = {
+    'tiny': 'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content',
+    'small': 'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content',
+    'base': 'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHI_XPhoadjaNxtO/root/content',
 }
 
 
