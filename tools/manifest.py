@@ -33,7 +33,13 @@ OFFICIAL_RELEASES = {
     # one its loader saves them under ({'model': state_dict, ...})
     'biformer': lambda v: dict(tag='in1k', file=f'biformer_{v}_in1k.pth', sources=[{
         'url': _BIFORMER_URLS[v], 'layout': 'official', 'format': 'torch'}], resolution=224),
+    # GitHub release v1.0 of ChuanyangZheng/L2ViT: {'model', 'model_ema', 'optimizer', ...}; the zoo loads 'model'
+    # (as the official evaluation does) unless checkpoint_entry='model_ema' is passed
+    'l2vit': lambda v: dict(tag='in1k', file=f'L2ViT-{v.capitalize()}-checkpoint-best-ema.pth', sources=[{
+        'url': f'{_L2VIT_RELEASE}/L2ViT-{v.capitalize()}-checkpoint-best-ema.pth', 'layout': 'official',
+        'format': 'torch'}], resolution=224),
 }
+_L2VIT_RELEASE = 'https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0'
 _BIFORMER_URLS = {
     'tiny': 'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHEOoGkgwgQzEDlM/root/content',
     'small': 'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content',
