@@ -9,6 +9,7 @@ import timm
 import torch
 
 from backbones._random import randomize_
+from backbones._weights import read_checkpoint
 from helpers import rel_err
 
 # first keys and shapes of the official release (../shared/OFFICIAL-FACTS.md, tiny)
@@ -78,6 +79,9 @@ def test_release_container_model_by_default_ema_on_request(tmp_path):
         assert torch.equal(_load(tmp_path / 'zoo.pth').eval()(x), want_a)
         ten = _load(path, num_classes=10).eval()
         assert ten(x).shape == (1, 10) and torch.equal(ten.forward_features(x), a.forward_features(x))
+    # what the mm adapter and tools/convert.py read (argparse args allowed, nothing else unpickled)
+    assert read_checkpoint(str(path)).keys() == official.keys()
+    assert torch.equal(read_checkpoint(str(path), prefer='model_ema')['norm.weight'], b.state_dict()['norm.weight'])
     with pytest.raises(KeyError, match="no 'model_ema' entry"):
         _load(tmp_path / 'plain.pth', checkpoint_entry='model_ema')
     with pytest.raises(ValueError, match='checkpoint_entry must be one of'):
@@ -87,6 +91,24 @@ def test_release_container_model_by_default_ema_on_request(tmp_path):
     torch.save({'model': bad}, tmp_path / 'bad.pth')
     with pytest.raises(ValueError, match='missing key.*stages.2.blocks.1.attn.temperature'):
         _load(tmp_path / 'bad.pth')
+
+
+def test_pretrained_finds_the_release_file(tmp_path, monkeypatch):
+    """pretrained=True looks for the release file under its GitHub name in $MIXZOO_WEIGHTS (nothing is
+    downloaded) and says where to get it when it is absent."""
+    monkeypatch.setenv('MIXZOO_WEIGHTS', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r'(?s)not found locally.*L2ViT-Tiny-checkpoint-best-ema\.pth.*'
+                                                r'github\.com/ChuanyangZheng/L2ViT/releases/download/v1\.0/'):
+        timm.create_model('mz_l2vit_tiny', pretrained=True, **SMALL)
+    a = randomize_(timm.create_model('mz_l2vit_tiny', **SMALL), seed=3).eval()
+    b = randomize_(timm.create_model('mz_l2vit_tiny', **SMALL), seed=4).eval()
+    torch.save({'model': official_layout(a.state_dict()), 'model_ema': official_layout(b.state_dict())},
+               tmp_path / 'L2ViT-Tiny-checkpoint-best-ema.pth')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model('mz_l2vit_tiny', pretrained=True, **SMALL).eval()(x), a(x))
+        ema = timm.create_model('mz_l2vit_tiny', pretrained=True, checkpoint_entry='model_ema', **SMALL).eval()
+        assert torch.equal(ema(x), b(x))
 
 
 @pytest.mark.parametrize('size', [(224, 224), (256, 320), (33, 47), pytest.param((1024, 1024), marks=pytest.mark.slow)])

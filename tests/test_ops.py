@@ -192,7 +192,7 @@ def linear_cases() -> List[Case]:
     return [_linear_case(2, 3, 20, 24, 24, 0.3),                        # every normaliser clamped
             _linear_case(2, 2, 33, 16, 16, 3.0),                        # none clamped; two token chunks
             _linear_case(1, 2, 37, 8, 24, 1.6),                         # odd N, Dv != D, a third of the rows clamped
-            _linear_case(2, 3, 49, 32, 32, 0.7, fused=True),            # L2ViT's head dim, 7x7 map, qkv views, some clamped
+            _linear_case(2, 3, 49, 32, 32, 0.7, fused=True),            # L2ViT's head dim, 7x7, qkv views, some clamped
             _linear_case(1, 1, 50, 64, 64, 2.0, temperature=False),     # head dim 64, no temperature
             _linear_case(1, 3, 196, 32, 32, 0.5),                       # L2ViT-T stage-3 map (14x14)
             Case(**{**_linear_case(1, 2, 20, 8, 8, 1.0, rows=True).__dict__, 'gradcheck': True})]
