@@ -9,6 +9,7 @@ one run (interleaved repetitions, best of each), as a ratio.
     python tools/benchmark.py --model 'mz_poolformer_*' --batch-size 16 --csv out.csv
     python tools/benchmark.py --model mz_maxvit_tiny_tf_224 --compare-backend reference
     python tools/benchmark.py --op halo [--backward]     # an op's backends: time and peak memory
+                                                       # (window, halo, neighborhood, routing, linear)
 
 Speed columns: zoo img/s, reference img/s, ratio = zoo / reference (>1: zoo faster); with
 --compare-backend B also the zoo with every op forced to backend B and default / B.
@@ -74,8 +75,9 @@ def main(argv=None):
     p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
     p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
     p.add_argument('--csv', default=None, help='append rows to this CSV file')
-    p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo, neighborhood, routing): time and peak '
-                                               'memory on its family\'s shapes (tools/opbench.py)')
+    p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo, neighborhood, '
+                                               'routing, linear): time and peak memory on its family\'s shapes '
+                                               '(tools/opbench.py)')
     p.add_argument('--backward', action='store_true', help='with --op: time forward+backward')
     args = p.parse_args(argv)
     if args.threads:

@@ -1,5 +1,5 @@
-"""Op benchmarks (``python tools/benchmark.py --op window|halo|neighborhood|routing``): time and peak memory of every
-backend of an op that can run here, side by side in one run, on the shapes of the family that uses
+"""Op benchmarks (``python tools/benchmark.py --op window|halo|neighborhood|routing|linear``): time and
+peak memory of every backend of an op that can run here, side by side in one run, on the shapes of the family that uses
 it; for ``halo`` also timm's HaloAttn module beside the zoo's mixer (same weights, 1x1 projections
 included), at halonet26t's stage-3 shape.
 
@@ -201,4 +201,33 @@ def routing(args):
                 f'{T} tokens x {D}, topk {topk})', fns, args.reps, dev, args.backward)
 
 
-OPS = {'window': window, 'halo': halo, 'neighborhood': neighborhood, 'routing': routing}
+
+def linear(args):
+    from ops import linear_attention
+    dev, dt = args.device, getattr(torch, args.dtype)
+    # L2ViT-T's linear-attention blocks: stage 1 (3 heads, 56x56 tokens) and stage 3 (12 heads, 14x14) at 224,
+    # stage 1 at 1024 (256x256 tokens, batch 1; the reference's (N x N) similarities would need 50 GB there);
+    # q, k, v as the mixer passes them: ReLU'd q, k and a view v of one (B, N, 3, heads, 32) projection
+    for img, stage, batch in ((224, 1, args.batch_size), (224, 3, args.batch_size), (1024, 1, 1)):
+        hw, h, D = img // 2 ** (stage + 1), 3 * 2 ** (stage - 1), 32
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(batch, hw * hw, 3, h, D, generator=g).to(dev, dt).requires_grad_(args.backward)
+        t = torch.full((h, 1, 1), D ** -0.5, device=dev, dtype=dt, requires_grad=args.backward)
+
+        def inputs():
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            return q.relu(), k.relu(), v
+
+        def official_form():   # the official module's arithmetic: key sum, normaliser matvec, K^T V, q (K^T V)
+            q, k, v = inputs()
+            den = torch.clamp(q @ k.transpose(-2, -1).sum(dim=-1, keepdim=True), 1e2)
+            return (q @ ((k.transpose(-2, -1) @ v) * t)) / den
+        call = _dispatch.Call.of(qkv, head_dim=D, tokens=hw * hw, value_dim=D)
+        fns = {be: _call(lambda be=be: linear_attention(*inputs(), t, backend=be), args.backward, qkv, t)
+               for be in _runnable('linear', call) if not (be == 'reference' and hw * hw > 4096)}
+        fns['L2ViT official form'] = _call(official_form, args.backward, qkv, t)
+        _report(f'linear attention, L2ViT-T stage-{stage} shape at {img} input ({batch} x {h} heads x {hw * hw} '
+                f'tokens x {D})', fns, args.reps, dev, args.backward)
+
+
+OPS = {'window': window, 'halo': halo, 'neighborhood': neighborhood, 'routing': routing, 'linear': linear}
