@@ -40,7 +40,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         r1 = min(H, r0 + rows)
         qt = q[:, :, r0:r1]                                                 # (B, h, t, W, D)
         it = idx[r0:r1]
-        s = (kf[:, :, it] @ qt.unsqueeze(-1)).squeeze(-1).to(ct) * scale   # (B, h, t, W, k*k)
+        s = _SlotDot.apply(kf[:, :, it], qt).to(ct) * scale                # (B, h, t, W, k*k)
         s = s + add[..., r0:r1, :, :]
         if ekt is not None and fused:
             ww = None if window_weights is None else window_weights[:, :, r0:r1]
@@ -53,11 +53,43 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
             s = torch.cat([s, se], dim=-1)
         p = torch.softmax(s, dim=-1).to(v.dtype)
         pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights[:, :, r0:r1]
-        o = (pw.unsqueeze(-2) @ vf[:, :, it]).squeeze(-2)                   # (B, h, t, W, Dv)
+        o = _SlotSum.apply(pw, vf[:, :, it])                                # (B, h, t, W, Dv)
         if ekt is not None:
             o = o + (p[..., K2:].flatten(2, 3) @ extra_v).unflatten(2, (r1 - r0, W))
         outs.append(o)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class _SlotDot(torch.autograd.Function):
+    """(kg (..., k*k, D), q (..., D)) -> kg @ q (..., k*k) as one batched matmul. Autograd's backward for it
+    would form the kg gradient as a batch of rank-1 matmuls ((k*k, 1) @ (1, D) per query: the slowest op of
+    a TransNeXt training step on CPU); a broadcast product is the same numbers at memory speed."""
+
+    @staticmethod
+    def forward(ctx, kg, q):
+        ctx.save_for_backward(kg, q)
+        return (kg @ q.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        kg, q = ctx.saved_tensors
+        g = g.to(kg.dtype)
+        return g.unsqueeze(-1) * q.unsqueeze(-2), (g.unsqueeze(-2) @ kg).squeeze(-2)
+
+
+class _SlotSum(torch.autograd.Function):
+    """(p (..., k*k), vg (..., k*k, Dv)) -> p @ vg (..., Dv); the vg gradient as a broadcast product (as above)."""
+
+    @staticmethod
+    def forward(ctx, p, vg):
+        ctx.save_for_backward(p, vg)
+        return (p.unsqueeze(-2) @ vg).squeeze(-2)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, vg = ctx.saved_tensors
+        g = g.to(vg.dtype)
+        return (vg @ g.unsqueeze(-1)).squeeze(-1), p.unsqueeze(-1) * g.unsqueeze(-2)
 
 
 _LSE_SDPA = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
