@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
 from timm.models import generate_default_cfgs, register_model
 
+from ops._dispatch import tracing
+
 from . import _pretrained, _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
@@ -50,6 +52,24 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, summed in place in y when y is a fresh dense branch output of the same dtype (every branch here
+    ends in a conv / linear / dropout whose backward does not need its output): one activation-sized
+    allocation less per residual, which on CPU costs page faults. A cropped (padded) window output or a
+    mixed-precision branch takes the plain sum."""
+    return y.add_(x) if y.dtype == x.dtype and y.is_contiguous() else x + y
+
+
+class GELU(nn.GELU):
+    """nn.GELU, applied in place where nothing needs its input for a backward (inference: the MLP's
+    hidden map is its largest activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing() or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x)
+
+
 class ConvPosEnc(nn.Module):
     """Conditional position encoding: x + dwconv3x3(x) on an NHWC map (official key ``proj``)."""
 
@@ -58,7 +78,7 @@ class ConvPosEnc(nn.Module):
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _nhwc(self.proj(_nchw(x)))
+        return _residual(x, _nhwc(self.proj(_nchw(x))))
 
 
 class LocalConcentration(nn.Module):
@@ -68,7 +88,7 @@ class LocalConcentration(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 7):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
@@ -86,14 +106,14 @@ class LWABlock(nn.Module):
         self.attn = PartitionAttention(dim, window_size, 'block', dim_head=dim // num_heads, bias=True, rel_pos=False,
                                        mask_padding=False)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe[0](x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = _residual(x, self.drop_path(self.attn(self.norm1(x))))
         x = self.cpe[1](x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return _residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
 class LGABlock(nn.Module):
@@ -105,7 +125,7 @@ class LGABlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = LinearAttention(dim, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=GELU)
         self.norm3 = nn.LayerNorm(dim)
         self.local_mp = LocalConcentration(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -113,9 +133,9 @@ class LGABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe[0](x)
         B, H, W, C = x.shape
-        x = x + self.drop_path(self.attn(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C))
-        x = x + self.drop_path(self.local_mp(self.norm3(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = _residual(x, self.drop_path(self.attn(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C)))
+        x = _residual(x, self.drop_path(self.local_mp(self.norm3(x))))
+        return _residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
 def _pad_to(x: torch.Tensor, multiple: int, dims: Tuple[int, int]) -> torch.Tensor:

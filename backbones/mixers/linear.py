@@ -26,6 +26,8 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """x: (B, N, C) tokens -> (B, N, C)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = linear_attention(q.relu(), k.relu(), v, self.temperature, self.clamp_min, backend=backend)
+        qkv = self.qkv(x)
+        qkv[..., :2 * C].relu_()      # the feature map on q and k, in place (the projection's output is ours)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = linear_attention(q, k, v, self.temperature, self.clamp_min, backend=backend)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, C)))

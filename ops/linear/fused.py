@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .._dispatch import empty
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -21,5 +23,10 @@ def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_
         kv = kv * temperature.reshape(1, -1, 1, 1).to(kv.dtype)
     state = torch.cat([kv, k.sum(-2).unsqueeze(-1)], dim=-1)              # (B, heads, D, Dv + 1)
     o = torch.matmul(q, state)                                             # (B, heads, N, Dv + 1)
-    out = o[..., :Dv] / o[..., Dv:].clamp_min(clamp_min)
-    return out.to(dtype)
+    if torch.is_grad_enabled() and o.requires_grad or dtype != o.dtype:
+        return (o[..., :Dv] / o[..., Dv:].clamp_min(clamp_min)).to(dtype)
+    # inference: the quotient written token-major (B, N, heads, Dv), returned as a (B, heads, N, Dv) view,
+    # so the caller's transpose(1, 2).reshape(B, N, heads * Dv) costs no copy
+    B, H, N, _ = q.shape
+    out = empty((B, N, H, Dv), dtype=dtype, device=q.device).transpose(1, 2)
+    return torch.div(o[..., :Dv], o[..., Dv:].clamp_min_(clamp_min), out=out)
