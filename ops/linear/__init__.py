@@ -68,7 +68,7 @@ def _validate(q, k, v, temperature, clamp_min):
         if temperature.device != q.device:
             raise ValueError(f'linear_attention: temperature on {temperature.device}, inputs on {q.device}')
     if not isinstance(clamp_min, (int, float)) or isinstance(clamp_min, bool) or not 0 < clamp_min < math.inf:
-        raise ValueError(f'linear_attention: clamp_min must be a positive number, got {clamp_min!r}')
+        raise ValueError(f'linear_attention: clamp_min must be a positive finite number, got {clamp_min!r}')
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: Optional[torch.Tensor] = None,
