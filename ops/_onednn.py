@@ -32,6 +32,8 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
     if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and _ONEDNN_LINEAR):
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
     if x.numel() <= max(20480, 64 * x.shape[-1]):
         return False   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _autocast_cpu()
@@ -43,9 +45,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     Why: torch's CPU wheels link MKL, whose sgemm takes a slow code path on AMD CPUs; oneDNN picks
     AVX-512 there. Measured on this project's CI machine (2-core AMD EPYC with AVX-512), best of 20:
-    (1568 x 384) @ (384 x 1536) 8.34 -> 3.98 ms, (25088 x 384) @ (384 x 96) 10.3 -> 4.4 ms, forward +
-    backward 1.6-2.1x; results equal to F.linear within 1.2e-6 relative. Everything else (GPU, other
-    dtypes, autocast, torch.compile / export / FX tracing) takes ``F.linear``. ``MIXZOO_ONEDNN_LINEAR=0``
+    (1568 x 384) @ (384 x 1536) 8.34 -> 3.98 ms, (25088 x 384) @ (384 x 96) 10.3 -> 4.4 ms; results equal
+    to F.linear within 1.2e-6 relative. Inference only: with autograd the convolution's backward measured
+    1.07-1.4x slower than F.linear's (TransNeXt-T shapes, e.g. (25088 x 72) @ (72 x 768) fwd+bwd 730 vs
+    625 ms), and it was the largest item of a TransNeXt-T training step. Everything else (autograd, GPU,
+    other dtypes, autocast, torch.compile / export / FX tracing) takes ``F.linear``. ``MIXZOO_ONEDNN_LINEAR=0``
     turns it off."""
     if not _onednn_linear_ok(x, weight):
         return F.linear(x, weight, bias)

@@ -27,9 +27,14 @@ def test_linear_equals_f_linear_forward_and_grads(monkeypatch, shape, bias):
     w = (torch.randn(N, K) * K ** -0.5).requires_grad_()
     b = torch.randn(N, requires_grad=True) if bias else None
     calls = _onednn_used(monkeypatch)
-    y = layers.linear(x, w, b)
-    assert bool(calls) == (x.numel() > max(20480, 64 * K))
     ref = F.linear(x, w, b)
+    with torch.no_grad():                      # inference: oneDNN for all but small inputs
+        y0 = layers.linear(x, w, b)
+    assert bool(calls) == (x.numel() > max(20480, 64 * K))
+    torch.testing.assert_close(y0, ref.detach(), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    y = layers.linear(x, w, b)                 # autograd: F.linear (its backward is the faster one)
+    assert not calls
     assert y.shape == ref.shape and y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
@@ -44,8 +49,13 @@ def test_linear_non_contiguous_input_and_fallbacks(monkeypatch):
     x = torch.randn(40, 700, 64).transpose(0, 1)          # rows not contiguous
     w, b = torch.randn(32, 64), torch.randn(32)
     calls = _onednn_used(monkeypatch)
-    torch.testing.assert_close(layers.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layers.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert calls
+    calls.clear()
+    layers.linear(x, w.requires_grad_(), b)                 # autograd: F.linear
+    assert not calls
+    w.requires_grad_(False)
     calls.clear()
     layers.linear(x.double(), w.double(), b.double())      # other dtypes: F.linear
     with torch.autocast('cpu', dtype=torch.bfloat16):
