@@ -11,8 +11,9 @@ Any input size: every routing stage pads its map at the bottom/right to a multip
 (n_win) and crops back, with the official ``auto_pad`` semantics: the zero padding is applied after
 norm1, padded tokens are not masked (their q / k / v are the qkv bias; they enter the region means that
 routing ranks, take part as keys / values, and feed the LePE conv of their in-map neighbours). At sizes
-the official classification model accepts (multiples of 32 * n_win = 224 ... with n_win = 7: 224, 336,
-224x336; the official model asserts otherwise) nothing is padded and the logits are the official ones.
+the official classification model accepts (sides that are multiples of 16 * n_win, 112 with n_win = 7:
+112, 224, 336, 224x336; the official model asserts otherwise) nothing is padded and the logits are the
+official ones.
 The official dense-task backbones use n_win 16 (detection) / 8 (segmentation) with auto_pad: pass
 ``n_win=``.
 

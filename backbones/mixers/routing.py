@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ops.routing import bilevel_routing_attention, from_regions, to_regions
-from ops.window import window_attention
+from ops.window import padded_size, window_attention
 
 __all__ = ['BiLevelRoutingAttention', 'GlobalAttentionLePE']
 
@@ -62,7 +62,7 @@ class BiLevelRoutingAttention(nn.Module):
         o = from_regions(o.permute(0, 2, 3, 1, 4).reshape(B, R, T, C), n, (H, W))
         if self.lepe is not None:
             # LePE over the whole padded value map (zero padding only at its border), cropped
-            Hp, Wp = -(-H // n) * n, -(-W // n) * n
+            Hp, Wp = padded_size((H, W), (n, n))
             vmap = from_regions(v, n, (Hp, Wp)).permute(0, 3, 1, 2)
             lepe = self.lepe(vmap).permute(0, 2, 3, 1)
             o = o + (lepe[:, :H, :W] if (Hp, Wp) != (H, W) else lepe)
