@@ -19,7 +19,8 @@ The official dense-task backbones use n_win 16 (detection) / 8 (segmentation) wi
 
 Inside a stage the maps are NHWC; stage outputs are NCHW views of them. ``checkpoint_filter_fn`` reads
 the official release layout (``{'model': sd}``; ``downsample_layers.{i}``, ``stages.{i}.{j}``, ``norm``,
-``head``) and the zoo's.
+``head``) and the zoo's. From a training checkpoint holding ``model`` and ``model_ema`` the zoo loads
+``model``, as the official loader does, unless ``checkpoint_entry='model_ema'`` is passed.
 """
 import re
 from typing import Dict, Sequence, Union
@@ -29,10 +30,10 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 
-from . import _registry
+from . import _pretrained, _registry
 from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._weights import match_state_dict, read_checkpoint, unwrap_state_dict
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers.routing import BiLevelRoutingAttention, GlobalAttentionLePE
 
@@ -169,8 +170,27 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
     return match_state_dict(out, model)
 
 
-def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    return create_model(BiFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
+def _create_biformer(variant: str, pretrained: bool = False, checkpoint_entry: str = 'model', **kwargs) -> BiFormer:
+    """``checkpoint_entry``: which weights of a training checkpoint to load, 'model' (what the official loader
+    reads; default) or 'model_ema' (the official training keeps an EMA). timm's own file loader would take
+    'model_ema' whenever a file has one, so the file is read here and handed to timm as a state dict."""
+    if checkpoint_entry not in ('model', 'model_ema'):
+        raise ValueError(f"{variant}: checkpoint_entry must be 'model' or 'model_ema', got {checkpoint_entry!r}")
+    path = None
+    if pretrained:
+        _pretrained.resolve(variant, True, kwargs)       # the local lookup (or an error saying what to get)
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        path = overlay.pop('file', None)
+        if path:
+            overlay['state_dict'] = read_checkpoint(path, prefer=checkpoint_entry)
+            kwargs['pretrained_cfg_overlay'] = overlay
+    model = create_model(BiFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
+    if path:   # no second reference to the weights in the cfg; say where they came from
+        for m in {id(m): m for m in (model, getattr(model, 'model', None)) if m is not None}.values():
+            cfg = getattr(m, 'pretrained_cfg', None)
+            if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+                cfg.update(state_dict=None, file=path, checkpoint_entry=checkpoint_entry)
+    return model
 
 
 def _cfg(**kwargs):

@@ -119,3 +119,27 @@ def test_biformer_release_file_found_in_the_weights_folder(tmp_path, monkeypatch
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(timm.create_model('mz_biformer_tiny', pretrained=True).eval()(x), zoo(x))
+
+
+def test_biformer_training_checkpoint_loads_model_not_ema(tmp_path):
+    """The official training saves {'model', 'model_ema', 'args', ...} and its loader reads 'model'; timm's
+    file loader alone would take 'model_ema'."""
+    import argparse
+    a = randomize_(timm.create_model('mz_biformer_tiny'), seed=0).eval()
+    b = randomize_(timm.create_model('mz_biformer_tiny'), seed=1).eval()
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': official_layout('biformer', a.state_dict()),
+                'model_ema': official_layout('biformer', b.state_dict()),
+                'epoch': 299, 'args': argparse.Namespace(lr=5e-4)}, path)
+    x = torch.randn(1, 3, 112, 112)
+    overlay = dict(file=str(path))
+    with torch.no_grad():
+        m = timm.create_model('mz_biformer_tiny', pretrained=True, pretrained_cfg_overlay=overlay).eval()
+        assert torch.equal(m(x), a(x))
+        e = timm.create_model('mz_biformer_tiny', pretrained=True, pretrained_cfg_overlay=overlay,
+                              checkpoint_entry='model_ema').eval()
+        assert torch.equal(e(x), b(x))
+    torch.save({'model': official_layout('biformer', a.state_dict())}, path)
+    with pytest.raises(KeyError, match="no 'model_ema' entry"):
+        timm.create_model('mz_biformer_tiny', pretrained=True, pretrained_cfg_overlay=overlay,
+                          checkpoint_entry='model_ema')
