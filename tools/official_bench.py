@@ -13,7 +13,6 @@ names clash with the zoo's (BiFormer has an ``ops``) are moved aside in sys.modu
 Peak memory: tools/opbench.peak_mb (on CPU the running sum of the profiler's per-op allocations).
 """
 import argparse
-import importlib.util
 import platform
 import subprocess
 import sys
@@ -21,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from make_official_fixture import HERE, ROOT, official   # (this script's folder is on sys.path; no zoo import)
 
 
 def cpu_model() -> str:
@@ -62,7 +53,7 @@ def main(argv=None):
     ap.add_argument('--memory-size', type=int, default=1024, help='input side for the peak-memory row (0: skip)')
     ap.add_argument('--no-backward', action='store_true')
     args = ap.parse_args(argv)
-    rec = _load(HERE / 'official' / f'{args.family}.py', f'mixzoo_official_recipe_{args.family}')
+    rec = official.recipe(args.family)
     repo = str(args.official_repo.resolve())
     name = rec.VARIANTS[args.variant]
     official = rec.build_variant(repo, args.variant, (args.size, args.size))
