@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from make_official_fixture import HERE, ROOT, official   # (this script's folder is on sys.path; no zoo import)
+from make_official_fixture import HERE, ROOT, official as recipes   # (this script's folder is on sys.path; no zoo import)
 
 
 def cpu_model() -> str:
@@ -53,7 +53,7 @@ def main(argv=None):
     ap.add_argument('--memory-size', type=int, default=1024, help='input side for the peak-memory row (0: skip)')
     ap.add_argument('--no-backward', action='store_true')
     args = ap.parse_args(argv)
-    rec = official.recipe(args.family)
+    rec = recipes.recipe(args.family)
     repo = str(args.official_repo.resolve())
     name = rec.VARIANTS[args.variant]
     official = rec.build_variant(repo, args.variant, (args.size, args.size))
