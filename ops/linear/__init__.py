@@ -37,12 +37,12 @@ def _triton_fn(*args):
     return _triton.linear_attention(*args)
 
 
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS,
-                 head_dims=(1, 128), available=triton_unavailable,
-                 check=triton_interpreter_limits,
+# not yet run on a GPU (none lent so far): used only when forced, until validated there (then auto_devices=('cuda',))
+register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS,
+                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
                  doc='K^T V and the key sum in one pass (token chunks added with atomics), then the output '
-                     'pass; fused backward; fp32 accumulation; CPU only under TRITON_INTERPRET=1 and when '
-                     'forced (tests)'))
+                     'pass; fused backward; fp32 accumulation; only when forced (not yet validated on a GPU; '
+                     'CPU under TRITON_INTERPRET=1)'))
 register(Backend(OP, 'torch', _fused.linear_attention, dtypes=_FLOATS + (torch.float64,),
                  doc='two batched matmuls: the (D, Dv + 1) state [t K^T V | sum k], then queries x state '
                      '(numerator and normaliser in one product)'))
