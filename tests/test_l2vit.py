@@ -2,7 +2,6 @@
 (``model`` and ``model_ema`` entries, argparse args) through checkpoint_filter_fn, and any input size.
 Logits against the official code: tests/test_official_fixtures.py (fixture l2vit_*)."""
 import argparse
-import re
 
 import pytest
 import timm
@@ -10,7 +9,7 @@ import torch
 
 from backbones._random import randomize_
 from backbones._weights import read_checkpoint
-from helpers import rel_err
+from helpers import official_layout as _official_layout, rel_err
 
 # first keys and shapes of the official release (../shared/OFFICIAL-FACTS.md, tiny)
 OFFICIAL_KEYS = {
@@ -25,16 +24,8 @@ OFFICIAL_KEYS = {
 
 
 def official_layout(state_dict):
-    """The zoo's keys renamed to ChuanyangZheng/L2ViT's (the inverse of checkpoint_filter_fn)."""
-    stem = {'conv1.conv': '0', 'conv1.bn': '1', 'conv2.conv': '3', 'conv2.bn': '4'}
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^stem\.(conv\d\.(?:conv|bn))\.', lambda m: f'downsample_layers.0.proj.proj.{stem[m[1]]}.', k)
-        k = k.replace('stem.norm.', 'downsample_layers.0.norm.')
-        k = re.sub(r'^stages\.(\d)\.downsample\.', r'downsample_layers.\1.', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.', r'stages.\1.', k)
-        out[k.replace('head.fc.', 'head.')] = v
-    return out
+    """The zoo's keys in ChuanyangZheng/L2ViT's layout (the inverse of checkpoint_filter_fn)."""
+    return _official_layout('l2vit', state_dict)
 
 
 # a reduced configuration for the loading tests (both block kinds in every stage; the layout is the same)
