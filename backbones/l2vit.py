@@ -215,7 +215,9 @@ class L2ViT(StagedModelMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {n for n, _ in self.named_parameters() if n.endswith('temperature')}
+        # as the official training: only 1-D parameters and biases are exempt (timm's rule does that itself);
+        # the (heads, 1, 1) temperatures are decayed there
+        return set()
 
     def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
         self.num_classes = num_classes
