@@ -26,16 +26,25 @@ built="$cache/wheels/$tag"
 if [ -z "$wheel" ] && ls "$built"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then wheel=$(ls "$built"/mmcv-2.1.0-*.whl | head -1); fi
 
 if [ -z "$wheel" ]; then
-  echo "[install_mm] no prebuilt mmcv for $tag: building from source (30-40 min on 2 cores)" >&2
+  cat >&2 <<EOF
+[install_mm] no prebuilt mmcv wheel for $tag: building mmcv 2.1.0 from source now,
+[install_mm]   about 30-40 min on 2 cores (MAX_JOBS=${MAX_JOBS:-2} compile jobs), once per machine: the wheel is kept in $built.
+[install_mm]   To skip the build, point at a built wheel: MIXZOO_MMCV_WHEEL=path/to/mmcv-2.1.0-*.whl
+EOF
+  start=$(date +%s)
   d=$(mktemp -d)
-  pip download --no-deps --no-binary :all: mmcv==2.1.0 -d "$d"
+  # mmcv's setup.py imports pkg_resources (gone from setuptools >= 81) and its build needs an older
+  # setuptools: install that first and keep pip from preparing the metadata or building in an isolated
+  # env with the newest setuptools (pip isolates whenever `wheel` is missing, and newer pip always does).
+  pip install "setuptools<70" wheel ninja
+  pip download --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0 -d "$d"
   tar xzf "$d"/mmcv-2.1.0.tar.gz -C "$d"
   sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$d/mmcv-2.1.0/setup.py"
-  pip install "setuptools<70" wheel ninja
   mkdir -p "$built"
   (cd "$d/mmcv-2.1.0" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip wheel --no-deps --no-build-isolation . -w "$built")
   wheel=$(ls "$built"/mmcv-2.1.0-*.whl | head -1)
   rm -rf "$d"
+  echo "[install_mm] built $wheel in $(( ($(date +%s) - start) / 60 )) min" >&2
 fi
 # (mmengine 0.10 imports pkg_resources, which setuptools >= 81 no longer ships)
 pip install -c "$root/constraints.txt" "$wheel" mmengine mmdet mmsegmentation ftfy regex pycocotools "setuptools<81"
