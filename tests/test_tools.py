@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import timm
@@ -109,13 +110,57 @@ def test_validate_clear_errors(imagefolder, fitted_checkpoint, tmp_path, capsys)
     assert rc == 2 and 'dataset folder not found' in capsys.readouterr().err
     full = tmp_path / 'full.pth'
     torch.save(timm.create_model('poolformer_s12').state_dict(), full)
+    named = tmp_path / 'named'     # folders that are not wnids: numbered 0..3, which a 1000-class head cannot score
+    for c, wnid in enumerate(CLASSES):
+        shutil.copytree(imagefolder / 'val' / wnid, named / 'val' / f'class_{c}')
     rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(full),
-                          '--data-dir', str(imagefolder))
-    err = capsys.readouterr().err
+                          '--data-dir', str(named))
+    out, err = capsys.readouterr()
     assert rc == 2 and 'the dataset has 4 classes' in err and 'the model has 1000 outputs' in err
+    assert "not imagenet-1k wnids (e.g. 'class_0'" in out and 'labelled 0..3 in sorted name order' in out
+    assert 'meaningful only if that is its class order' in out and 'name ImageNet class folders by their wnid' in err
     rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s24', '--checkpoint', str(fitted_checkpoint),
                           '--data-dir', str(imagefolder))
     assert rc == 2 and 'does not match mz_poolformer_s24' in capsys.readouterr().err
+
+
+SUBSET = {'n01530575': 10, 'n02085620': 151, 'n04592741': 908}    # ImageNet-1k wnid -> index
+
+
+def test_validate_scores_wnid_folders_at_their_imagenet_indices(imagefolder, fitted_checkpoint, tmp_path, capsys):
+    """3 wnid folders against a 1000-class head whose rows 10 / 151 / 908 are the fitted classes 1..3:
+    100% only if each folder is labelled with its ImageNet-1k index (numbered 0..2 it would score 0%)."""
+    sub = tmp_path / 'sub'
+    for c, wnid in enumerate(SUBSET, 1):
+        shutil.copytree(imagefolder / 'val' / CLASSES[c], sub / 'val' / wnid)
+    sd = torch.load(fitted_checkpoint)['model']
+    w, b = sd['head.fc.weight'], sd['head.fc.bias']
+    sd['head.fc.weight'], sd['head.fc.bias'] = torch.zeros(1000, w.shape[1]), torch.full((1000,), -100.)
+    for c, i in enumerate(SUBSET.values(), 1):
+        sd['head.fc.weight'][i], sd['head.fc.bias'][i] = w[c], b[c]
+    ck = tmp_path / 'in1k.pth'
+    torch.save({'model': sd}, ck)
+    assert validate_tool.folder_labels(sorted(SUBSET), types.SimpleNamespace(num_classes=1000))[:2] == \
+        (list(SUBSET.values()), True)
+    rc, res = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(ck), '--data-dir', str(sub))
+    assert rc == 0 and res[-1]['top1'] == 100.0 and res[-1]['top5'] == 100.0 and res[-1]['images'] == 3 * PER_CLASS
+    out = capsys.readouterr().out
+    assert '3 class folders are imagenet-1k wnids: each is labelled with its imagenet-1k index' in out
+    # "--num-classes that matches" with a 1000-class checkpoint: a clear error, not a size-mismatch traceback
+    rc, _ = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(ck), '--data-dir', str(sub),
+                          '--num-classes', '3')
+    err = capsys.readouterr().err
+    assert rc == 2 and 'has a 1000-class classifier, so --num-classes 3 does not fit it' in err
+    assert 'drop --num-classes' in err and 'size mismatch' not in err
+
+
+def test_validate_unknown_model_names_close_matches(imagefolder, tmp_path, capsys):
+    for name, said in [('mz_poolformer_s1', 'did you mean mz_poolformer_s12'),
+                       ('mz_nothing_*', "no zoo model matches 'mz_nothing_*'")]:
+        with pytest.raises(SystemExit) as e:
+            validate_tool.main(['--model', 'mz_poolformer_s12', name, '--data-dir', str(imagefolder)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and f"'{name}'" in err
 
 
 def _reference_layouts(name, tmp_path):

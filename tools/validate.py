@@ -6,8 +6,10 @@
     python tools/validate.py --model 'mz_poolformer_s*' --data-dir /data/imagenet --amp bf16
 
 --data-dir is an ImageFolder root (``<dir>/val/<wnid>/*.JPEG``, or ``<dir>/<wnid>/*``), or a flat
-folder of images with --label-file (lines ``<file name> <class index>``). Class indices of an
-ImageFolder are the sorted folder names (the standard ImageNet order for the 1000 wnids).
+folder of images with --label-file (lines ``<file name> <class index>``). ImageFolder class folders
+named by wnid (``n01440764``, ...) are labelled with their index in the ImageNet subset the model's
+head predicts (timm's ImageNetInfo: 1000 classes -> ImageNet-1k), so a part of ImageNet val scores
+against a full checkpoint; other folder names are numbered 0..n-1 in sorted order (a line says so).
 Preprocessing comes from each model's pretrained_cfg (input size, crop_pct, interpolation,
 mean/std); the flags override it. Without --checkpoint the model's released weights are looked
 up locally (see checkpoints/README.md). Prints top-1 / top-5 / loss / img/s and appends a row to
@@ -27,10 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
-from timm.data import create_transform, resolve_data_config  # noqa: E402
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config  # noqa: E402
 
 import backbones  # noqa: E402
 from backbones._convert import convert  # noqa: E402
+from backbones._registry import check_model_name  # noqa: E402
 
 IMG_EXT = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
@@ -63,7 +66,24 @@ class FlatFolder(torch.utils.data.Dataset):
         return self.transform(self.Image.open(path).convert('RGB')), label
 
 
-def make_dataset(args, transform):
+def folder_labels(classes, model):
+    """-> (label of each sorted class folder, whether those are ImageNet indices, a line saying which)."""
+    subset = infer_imagenet_subset(model)          # from the head's class count; None for other counts
+    index = {w: i for i, w in enumerate(ImageNetInfo(subset).label_names())} if subset else {}
+    if subset and all(c in index for c in classes):
+        return [index[c] for c in classes], True, (f'{len(classes)} class folders are {subset} wnids: each is '
+                                                   f'labelled with its {subset} index')
+    if subset:
+        odd = [repr(c) for c in classes if c not in index][:3]
+        why = f'not {subset} wnids (e.g. {", ".join(odd)})'
+    else:
+        why = f'not read as ImageNet wnids (the model has {model.num_classes} classes, no ImageNet subset)'
+    return list(range(len(classes))), False, (
+        f'class folder names are {why}: labelled 0..{len(classes) - 1} in sorted name order, so accuracy '
+        f'against a {model.num_classes}-class checkpoint is meaningful only if that is its class order')
+
+
+def make_dataset(args, transform, model):
     from torchvision.datasets import ImageFolder
     root = args.data_dir
     if not os.path.isdir(root):
@@ -77,6 +97,9 @@ def make_dataset(args, transform):
         raise FileNotFoundError(f'no class folders under {folder}: expected {root}/{args.split}/<class>/*.JPEG, '
                                 f'or a flat image folder with --label-file')
     ds = ImageFolder(folder, transform=transform)
+    labels, ds.wnid_labels, ds.label_note = folder_labels(ds.classes, model)
+    ds.target_transform = labels.__getitem__
+    ds.labels = labels
     return ds
 
 
@@ -87,8 +110,20 @@ def topk_correct(logits, target, k):
 
 def build_model(name, args):
     if args.checkpoint:
-        model, _ = convert(name, args.checkpoint, prefer='model_ema' if args.use_ema else 'model',
-                           num_classes=args.num_classes)
+        prefer = 'model_ema' if args.use_ema else 'model'
+        try:
+            model, _ = convert(name, args.checkpoint, prefer=prefer, num_classes=args.num_classes)
+        except (RuntimeError, ValueError):
+            if args.num_classes is None:
+                raise
+            # a classifier of another class count fails as a bare size mismatch: name both counts
+            own = convert(name, args.checkpoint, prefer=prefer)[0].num_classes
+            if own == args.num_classes:
+                raise
+            raise ValueError(f'{args.checkpoint} has a {own}-class classifier, so --num-classes {args.num_classes} '
+                             f'does not fit it: drop --num-classes (the class count is read from the checkpoint) and '
+                             f'evaluate on data of its {own} classes, or pass a checkpoint with {args.num_classes} '
+                             f'classes') from None
     else:
         kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
         model = timm.create_model(name, pretrained=not args.no_pretrained, **kw)
@@ -103,12 +138,22 @@ def validate(name, args):
                                        mean=tuple(args.mean) if args.mean else None,
                                        std=tuple(args.std) if args.std else None).items() if v is not None}
     cfg = resolve_data_config(overrides, model=model)
-    ds = make_dataset(args, create_transform(**cfg))
+    ds = make_dataset(args, create_transform(**cfg), model)
     n_cls = len(ds.classes)
-    labels_max = max(ds.classes) if args.label_file else n_cls - 1
-    if (not args.label_file and n_cls != model.num_classes) or labels_max >= model.num_classes:
+    labels_max = max(ds.classes) if args.label_file else max(ds.labels)
+    # folders numbered 0..n-1 are scored only against a head of exactly those n classes
+    numbered = not args.label_file and not ds.wnid_labels
+    if not args.label_file:
+        print(f'[validate] {ds.label_note}')
+    if (numbered and n_cls != model.num_classes) or labels_max >= model.num_classes:
+        fix = (f'use a checkpoint with these {n_cls} classes' if args.checkpoint else
+               f'pass --checkpoint with these {n_cls} classes (or --no-pretrained --num-classes {n_cls} for a smoke '
+               f'test)')
+        if numbered:
+            fix = ('name ImageNet class folders by their wnid (a part of ImageNet val is then scored at its ImageNet '
+                   f'indices), or {fix}')
         raise ValueError(f'{name}: the dataset has {n_cls} classes (labels up to {labels_max}) but the model has '
-                         f'{model.num_classes} outputs; use a checkpoint / --num-classes that matches')
+                         f'{model.num_classes} outputs; {fix}')
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                                          pin_memory=device.type == 'cuda')
     if args.channels_last:
@@ -180,9 +225,18 @@ def main(argv=None):
     p.add_argument('--results-file', default=None, help='append results here (.csv or .json)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
-    names = [n for n in backbones.list_models() if any(fnmatch.fnmatch(n, pat) for pat in args.model)]
-    if not names:
-        p.error(f'no zoo model matches {args.model}; known: {", ".join(backbones.list_models())}')
+    names = []
+    for pat in args.model:
+        if any(c in pat for c in '*?['):
+            found = [n for n in backbones.list_models() if fnmatch.fnmatch(n, pat)]
+            if not found:
+                p.error(f'no zoo model matches {pat!r}; known: {", ".join(backbones.list_models())}')
+        else:
+            try:
+                found = [check_model_name(pat)]     # an unknown name: the error lists close matches
+            except ValueError as e:
+                p.error(str(e))
+        names += [n for n in found if n not in names]
     if args.checkpoint and len(names) > 1:
         p.error('--checkpoint applies to one model; give a single --model')
     rows = []
