@@ -1,12 +1,11 @@
 """Checkpoint conversion: any layout a family's filter accepts -> the zoo's state dict."""
 import hashlib
-import sys
 from typing import Dict, Optional
 
 import timm
 import torch
 
-from ._weights import match_state_dict, read_checkpoint
+from ._weights import prepare_state_dict, read_checkpoint
 
 
 def sha256_file(path: str) -> str:
@@ -17,8 +16,12 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def filter_fn_of(model: torch.nn.Module):
-    return sys.modules[type(model).__module__].checkpoint_filter_fn
+def zoo_state_dict(name: str, raw: Dict[str, torch.Tensor], **model_kwargs):
+    """-> (raw checkpoint in the zoo's layout, matched, the meta-device model it was matched against):
+    the loader's own conversion (``prepare_state_dict``), for tools that need the keys before a build."""
+    with torch.device('meta'):
+        probe = timm.create_model(name, pretrained=False, **model_kwargs)
+    return prepare_state_dict(raw, probe), probe
 
 
 def head_classes(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Optional[int]:
@@ -28,16 +31,13 @@ def head_classes(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) ->
 
 
 def convert(name: str, path: str, prefer: str = 'model', num_classes: Optional[int] = None):
-    """-> (model with the checkpoint loaded, its state dict). Raises ValueError on a mismatch."""
+    """-> (model with the checkpoint loaded, its state dict): the checkpoint read once, its class count
+    taken from its classifier unless given, then loaded as ``timm.create_model(pretrained=True)`` loads.
+    Raises ValueError on a mismatch."""
     raw = read_checkpoint(path, prefer=prefer)
-    probe = timm.create_model(name, pretrained=False, num_classes=num_classes or 1000)
     if num_classes is None:
-        try:
-            n = head_classes(filter_fn_of(probe)(dict(raw), probe), probe)
-        except ValueError:
-            n = None
-        if n and n != 1000:
-            probe = timm.create_model(name, pretrained=False, num_classes=n)
-    sd = match_state_dict(filter_fn_of(probe)(dict(raw), probe), probe)
-    probe.load_state_dict(sd, strict=True)
-    return probe, {k: v.detach().contiguous() for k, v in probe.state_dict().items()}
+        num_classes = head_classes(*zoo_state_dict(name, raw)) or 1000
+    model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(state_dict=raw, num_classes=num_classes))
+    model.pretrained_cfg.update(state_dict=None, file=str(path), checkpoint_entry=prefer)
+    return model, {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -1,10 +1,13 @@
-"""Released checkpoints (checkpoints/manifest.json) and where ``pretrained=True`` looks for them.
+"""Released checkpoints (checkpoints/manifest.json) and where ``pretrained=True`` finds them.
 
-Weights are never downloaded at run time. ``timm.create_model(name, pretrained=True)`` looks in
-``$MIXZOO_WEIGHTS`` (default ``~/.cache/mixzoo/weights``) for, in order: ``<zoo name>.safetensors``
-(what tools/convert.py writes), the manifest's file name for the checkpoint, or the file name of one
-of its source URLs; if none is there it raises an error saying what to download and where to put it.
-An explicit ``pretrained_cfg_overlay=dict(file=...)`` bypasses the lookup.
+``timm.create_model(name, pretrained=True)`` looks in the weights folder (``$MIXZOO_WEIGHTS``, else
+``$MIXZOO_CACHE/weights``, else ``~/.cache/mixzoo/weights``) for, in order: ``<zoo name>.safetensors``
+(what tools/convert.py writes), the manifest's file name for the checkpoint, or the file name of one of
+its source URLs. If none is there it downloads the manifest's sources in order (with a progress bar, into
+a temporary file beside the target), checks the manifest's sha256 where it records one, and keeps the
+file under the manifest's name; offline (``MIXZOO_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) or when every
+source fails, the error says what to download and where to put it. An explicit
+``pretrained_cfg_overlay=dict(file=...)`` (or ``url=...``) bypasses the lookup.
 """
 import json
 import os
@@ -13,11 +16,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
-_SOURCE_KEYS = ('file', 'url', 'hf_hub_id', 'state_dict')
 
 
 def weights_dir() -> Path:
-    return Path(os.environ.get('MIXZOO_WEIGHTS', Path.home() / '.cache' / 'mixzoo' / 'weights')).expanduser()
+    if os.environ.get('MIXZOO_WEIGHTS'):
+        return Path(os.environ['MIXZOO_WEIGHTS']).expanduser()
+    return Path(os.environ.get('MIXZOO_CACHE') or Path.home() / '.cache' / 'mixzoo').expanduser() / 'weights'
 
 
 def manifest_path() -> Path:
@@ -61,28 +65,52 @@ def candidate_files(name: str, tag: Optional[str] = None) -> List[Path]:
     return out
 
 
-def resolve(name: str, pretrained: bool, kwargs: Dict) -> None:
-    """Point a ``pretrained=True`` build at the local file (sets pretrained_cfg_overlay['file']),
-    or raise a FileNotFoundError that says what to download and where to put it."""
-    if not pretrained:
-        return
-    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    if any(overlay.get(k) for k in _SOURCE_KEYS):
-        return
-    tag = None
+def _offline() -> bool:
+    return any(os.environ.get(k, '').lower() in ('1', 'true', 'yes', 'on') for k in ('MIXZOO_OFFLINE', 'HF_HUB_OFFLINE'))
+
+
+def download(url: str, dst: Path, sha256: Optional[str] = None, progress: bool = True) -> Path:
+    """Fetch ``url`` to ``dst``: written to a temporary file in the same folder and moved into place only
+    when complete and (given ``sha256``) verified, so a failed or refused download leaves nothing behind."""
+    from torch.hub import download_url_to_file
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url_to_file(url, str(dst), hash_prefix=sha256.lower() if sha256 else None, progress=progress)
+    except RuntimeError as e:
+        if 'invalid hash value' in str(e):
+            raise ValueError(f'{url}: the downloaded file does not have the sha256 {sha256} recorded in '
+                             f'checkpoints/manifest.json (a different or damaged file); nothing was kept') from e
+        raise
+    return dst
+
+
+def resolve(name: str, tag: Optional[str] = None, url: Optional[str] = None) -> Path:
+    """The local weights file of ``name`` (``tag``: one of its checkpoints), downloaded if need be;
+    ``url``: download that instead of the manifest's sources. Raises FileNotFoundError saying what to
+    download and where to put it when no file is found and nothing could be fetched."""
     if '.' in name:
         name, tag = name.split('.', 1)
+    e = checkpoint_entry(name, tag)
+    if url:
+        return download(url, weights_dir() / url.rsplit('/', 1)[-1], None)
     for path in candidate_files(name, tag):
         if path.is_file():
-            overlay['file'] = str(path)
-            kwargs['pretrained_cfg_overlay'] = overlay
-            return
-    e = checkpoint_entry(name, tag)
+            return path
     where = '\n  '.join(str(p) for p in candidate_files(name, tag))
     how = '' if not e else ('\nDownload one of:\n  ' + '\n  '.join(f"{s['url']}  ({s['layout']} layout)"
                                                                   for s in e['sources']))
+    failures = []
+    if e and not _offline():
+        for s in e['sources']:
+            print(f'{name}: downloading {s["url"]} -> {weights_dir() / e["file"]}', file=sys.stderr)
+            try:
+                return download(s['url'], weights_dir() / e['file'], e.get('sha256'))
+            except Exception as err:          # (network, HTTP, refused hash: try the next source)
+                failures.append(f'{s["url"]}: {type(err).__name__}: {err}')
+    why = ('no release checkpoint is known for it (checkpoints/manifest.json)' if not e else
+           'offline (MIXZOO_OFFLINE / HF_HUB_OFFLINE set)' if _offline() else
+           'the download failed:\n  ' + '\n  '.join(failures))
     raise FileNotFoundError(
-        f'{name}: pretrained weights not found locally (the zoo downloads nothing at run time). '
-        f'Put the file at one of:\n  {where}{how}\n'
-        f'or pass pretrained_cfg_overlay=dict(file=PATH); set MIXZOO_WEIGHTS to use another folder. '
-        f'See checkpoints/README.md.')
+        f'{name}: pretrained weights not found locally and {why}.\nPut the file at one of:\n  {where}{how}\n'
+        f'or pass pretrained_cfg_overlay=dict(file=PATH); set MIXZOO_WEIGHTS (or MIXZOO_CACHE) to use another '
+        f'folder. See checkpoints/README.md.')

@@ -64,13 +64,34 @@ def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
     return state_dict
 
 
+def prepare_state_dict(state_dict: Mapping, model: torch.nn.Module, fam=None) -> Dict[str, torch.Tensor]:
+    """The one conversion of a checkpoint for ``model``: open its containers, read it in the layout that fits
+    (as is, or through the family's rename table), apply the family's transform (reshapes, resized tables),
+    and match it once against the model (a ValueError naming every mismatch otherwise)."""
+    if fam is None:
+        from ._registry import family_of
+        fam = family_of(model)
+    sd = unwrap_state_dict(state_dict)
+    if fam.renames is not None:
+        own = model.state_dict()
+        renamed = fam.renames.to_zoo(sd)
+        if sum(k in own for k in renamed) > sum(k in own for k in sd):
+            sd = renamed
+    if fam.transform is not None:
+        sd = fam.transform(sd, model)
+    return match_state_dict(sd, model)
+
+
 def read_checkpoint(path: str, prefer: str = 'model') -> Dict[str, torch.Tensor]:
     """Read a checkpoint file safely: safetensors, or torch.load(weights_only=True), which refuses
     pickles that are not plain tensors/containers. Errors name the file and the likely cause.
     ``prefer`` picks the entry of a training checkpoint ('model', or 'model_ema')."""
     import os
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        where = 'a folder, not a file' if os.path.isdir(path) else 'no such file'
+        raise FileNotFoundError(f'checkpoint file not found: {path} ({where}; give the path of a .pth / .pth.tar / '
+                                f'.safetensors file, or leave the file out and pretrained=True looks in the weights '
+                                f'folder, see checkpoints/README.md)')
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         try:
@@ -84,9 +105,12 @@ def read_checkpoint(path: str, prefer: str = 'model') -> Dict[str, torch.Tensor]
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        # torch's own text advises weights_only=False, which would execute whatever the file pickles: keep only
+        # what it says about the file
         msg = str(e)
-        detail = next((ln.strip() for ln in msg.splitlines() if 'Unsupported' in ln or 'error' in ln.lower()),
-                      msg.splitlines()[0] if msg else type(e).__name__)
+        advice = ('Weights only load failed', 'Re-running', 'Please file an issue', 'Check the documentation')
+        lines = [ln.strip().split(' Please use')[0] for ln in msg.splitlines()]
+        detail = '; '.join(ln for ln in lines if ln and not ln.startswith(advice)) or type(e).__name__
         if 'Unsupported global' in msg or 'allowlist' in msg:
             raise ValueError(f'refusing to load {path}: it is not a plain state dict (it pickles Python objects, '
                              f'which weights_only loading does not execute): {detail}') from e

@@ -22,18 +22,15 @@ the official release layout (``{'model': sd}``; ``downsample_layers.{i}``, ``sta
 ``head``) and the zoo's. From a training checkpoint holding ``model`` and ``model_ema`` the zoo loads
 ``model``, as the official loader does, unless ``checkpoint_entry='model_ema'`` is passed.
 """
-import re
-from typing import Dict, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp
-from timm.models import generate_default_cfgs, register_model
 
-from . import _pretrained, _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, read_checkpoint, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers.routing import BiLevelRoutingAttention, GlobalAttentionLePE
 
@@ -154,50 +151,15 @@ class BiFormer(StagedModelMixin, nn.Module):
         self.head.reset(num_classes, global_pool)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -> Dict[str, torch.Tensor]:
-    """The zoo's layout passes through; the official one (``{'model': sd}`` or plain) is renamed."""
-    state_dict = unwrap_state_dict(state_dict)
-    if not any(k.startswith('downsample_layers.') for k in state_dict):
-        return match_state_dict(state_dict, model)
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^downsample_layers\.(\d)\.', r'stages.\1.downsample.', k)
-        k = re.sub(r'^stages\.(\d)\.(\d+)\.', r'stages.\1.blocks.\2.', k)
-        k = k.replace('.attn.qkv.qkv.', '.attn.qkv.').replace('.attn.wo.', '.attn.proj.')
-        k = k.replace('.mlp.0.', '.mlp.fc1.').replace('.mlp.3.', '.mlp.fc2.')
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return match_state_dict(out, model)
-
-
-def _create_biformer(variant: str, pretrained: bool = False, checkpoint_entry: str = 'model', **kwargs) -> BiFormer:
-    """``checkpoint_entry``: which weights of a training checkpoint to load, 'model' (what the official loader
-    reads; default) or 'model_ema' (the official training keeps an EMA). timm's own file loader would take
-    'model_ema' whenever a file has one, so the file is read here and handed to timm as a state dict."""
-    if checkpoint_entry not in ('model', 'model_ema'):
-        raise ValueError(f"{variant}: checkpoint_entry must be 'model' or 'model_ema', got {checkpoint_entry!r}")
-    path = None
-    if pretrained:
-        _pretrained.resolve(variant, True, kwargs)       # the local lookup (or an error saying what to get)
-        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        path = overlay.pop('file', None)
-        if path:
-            overlay['state_dict'] = read_checkpoint(path, prefer=checkpoint_entry)
-            kwargs['pretrained_cfg_overlay'] = overlay
-    model = create_model(BiFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
-    if path:   # no second reference to the weights in the cfg; say where they came from
-        for m in {id(m): m for m in (model, getattr(model, 'model', None)) if m is not None}.values():
-            cfg = getattr(m, 'pretrained_cfg', None)
-            if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
-                cfg.update(state_dict=None, file=path, checkpoint_entry=checkpoint_entry)
-    return model
-
-
-def _cfg(**kwargs):
-    # official evaluation (datasets.py): resize 256 bicubic, centre crop 224, ImageNet mean / std
-    return base_cfg(**{'crop_pct': 0.875, 'first_conv': 'stages.0.downsample.0', 'classifier': 'head.fc',
-                       **kwargs})
-
+# rayleizhu/BiFormer's names (``{'model': sd}`` or plain) -> the zoo's; stage 4's global attention keeps
+# attn.qkv / attn.proj, the routing stages name them attn.qkv.qkv / attn.wo
+RENAMES = Renames([
+    Rename('downsample_layers.{i}.', 'stages.{i}.downsample.'), Rename('stages.{i}.{j}.', 'stages.{i}.blocks.{j}.'),
+    Rename('head.', 'head.fc.'),
+    Rename('.attn.qkv.qkv.', '.attn.qkv.', scope=r'^stages\.[0-2]\.'),
+    Rename('.attn.wo.', '.attn.proj.', scope=r'^stages\.[0-2]\.'),
+    Rename('.mlp.0.', '.mlp.fc1.'), Rename('.mlp.3.', '.mlp.fc2.'),
+])
 
 _ARCH = {
     'tiny': dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512)),
@@ -205,25 +167,15 @@ _ARCH = {
     'base': dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768)),
 }
 _PUBLISHED = {'tiny': (13.1, 2.2, 81.4), 'small': (25.5, 4.5, 83.8), 'base': (56.8, 9.8, 84.3)}
+_OFFICIAL = {'tiny': (13_142_760, 264), 'small': (25_536_232, 518), 'base': (56_804_968, 518)}   # measured, 1000 classes
 
-default_cfgs = generate_default_cfgs({f'mz_biformer_{a}.in1k': _cfg() for a in _ARCH})
-
-
-@register_model
-def mz_biformer_tiny(pretrained=False, **kwargs) -> BiFormer:
-    return _create_biformer('mz_biformer_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
-
-
-@register_model
-def mz_biformer_small(pretrained=False, **kwargs) -> BiFormer:
-    return _create_biformer('mz_biformer_small', pretrained, **dict(_ARCH['small'], **kwargs))
-
-
-@register_model
-def mz_biformer_base(pretrained=False, **kwargs) -> BiFormer:
-    return _create_biformer('mz_biformer_base', pretrained, **dict(_ARCH['base'], **kwargs))
-
-
-for _a in _ARCH:
-    _registry.add(f'mz_biformer_{_a}', 'biformer', 'official:rayleizhu/BiFormer', *_PUBLISHED[_a],
-                  build_only=_a == 'base')
+# official evaluation (datasets.py): resize 256 bicubic, centre crop 224, ImageNet mean / std; the release files
+# keep an EMA beside the weights (checkpoint_entry='model_ema'; 'model' is what the official loader reads)
+FAMILY = register_family(Family(
+    'biformer', BiFormer, cfg=dict(crop_pct=0.875, first_conv='stages.0.downsample.0', classifier='head.fc'),
+    renames=RENAMES, checkpoint_entries=('model', 'model_ema'),
+    variants=[variant(f'mz_biformer_{a}', 'official:rayleizhu/BiFormer', _PUBLISHED[a], arch=arch,
+                      build_only=a == 'base', slow=a == 'small', official_params=_OFFICIAL[a][0],
+                      official_keys=_OFFICIAL[a][1])
+              for a, arch in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

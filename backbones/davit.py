@@ -6,22 +6,19 @@ position encodings before the attention and before the MLP, LayerNorm + 2x2/2 co
 pooled-LayerNorm head. Spatial windows go through ``ops.window`` (no relative position bias);
 padded tokens take part as keys, as in DaViT (``mask_padding=False``), so odd sizes match timm.
 Inside a stage the maps stay channels-last, so the block's token <-> map switches are free views.
-``checkpoint_filter_fn`` also reads the official dingmyu/davit layout.
+The checkpoint loader also reads the official dingmyu/davit layout (``RENAMES``).
 """
-import re
 from functools import partial
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.models import generate_default_cfgs, register_model
 
-from . import _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers import ChannelAttention, PartitionAttention
 
@@ -155,33 +152,14 @@ class DaVit(StagedModelMixin, nn.Module):
         return set()
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DaVit) -> Dict[str, torch.Tensor]:
-    """timm's layout passes through; the official release (``patch_embeds.*``, ``main_blocks.*``,
-    ``cpe.0/1``, ``norms``, ``head``) is renamed to it."""
-    state_dict = unwrap_state_dict(state_dict)
-    if 'stem.conv.weight' in state_dict:
-        return match_state_dict(state_dict, model)
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^patch_embeds\.0\.proj\.', 'stem.conv.', k)
-        k = re.sub(r'^patch_embeds\.0\.norm\.', 'stem.norm.', k)
-        k = re.sub(r'^patch_embeds\.(\d+)\.proj\.', r'stages.\1.downsample.conv.', k)
-        k = re.sub(r'^patch_embeds\.(\d+)\.norm\.', r'stages.\1.downsample.norm.', k)
-        k = re.sub(r'^main_blocks\.(\d+)\.', r'stages.\1.blocks.', k)
-        k = k.replace('.cpe.0.', '.cpe1.').replace('.cpe.1.', '.cpe2.')
-        k = re.sub(r'^norms\.', 'head.norm.', k)
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return match_state_dict(out, model)
-
-
-def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
-    return create_model(DaVit, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'crop_pct': 0.95, 'first_conv': 'stem.conv', 'classifier': 'head.fc', **kwargs})
-
+# dingmyu/davit's release names -> timm's (which the zoo keeps)
+RENAMES = Renames([
+    Rename('patch_embeds.0.proj.', 'stem.conv.'), Rename('patch_embeds.0.norm.', 'stem.norm.'),
+    Rename('patch_embeds.{i}.proj.', 'stages.{i}.downsample.conv.'),
+    Rename('patch_embeds.{i}.norm.', 'stages.{i}.downsample.norm.'),
+    Rename('main_blocks.{i}.', 'stages.{i}.blocks.'), Rename('norms.', 'head.norm.'), Rename('head.', 'head.fc.'),
+    Rename('.cpe.{c}.', '.cpe{c+1}.'),
+])
 
 _ARCH = {
     'tiny': dict(depths=(1, 1, 3, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
@@ -193,40 +171,10 @@ _ARCH = {
 }
 _PUBLISHED = {'tiny': (28.3, 4.5, 82.8), 'small': (49.7, 8.8, 84.2), 'base': (87.9, 15.5, 84.6)}
 
-default_cfgs = generate_default_cfgs({
-    f'mz_davit_{a}.msft_in1k' if a in _PUBLISHED else f'mz_davit_{a}': _cfg() for a in _ARCH})
-
-
-@register_model
-def mz_davit_tiny(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
-
-
-@register_model
-def mz_davit_small(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_small', pretrained, **dict(_ARCH['small'], **kwargs))
-
-
-@register_model
-def mz_davit_base(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_base', pretrained, **dict(_ARCH['base'], **kwargs))
-
-
-@register_model
-def mz_davit_large(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_large', pretrained, **dict(_ARCH['large'], **kwargs))
-
-
-@register_model
-def mz_davit_huge(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_huge', pretrained, **dict(_ARCH['huge'], **kwargs))
-
-
-@register_model
-def mz_davit_giant(pretrained=False, **kwargs) -> DaVit:
-    return _create_davit('mz_davit_giant', pretrained, **dict(_ARCH['giant'], **kwargs))
-
-
-for _a in _ARCH:
-    _registry.add(f'mz_davit_{_a}', 'davit', f'timm:davit_{_a}', *_PUBLISHED.get(_a, (None, None, None)),
-                  build_only=_a not in ('tiny', 'small'))
+FAMILY = register_family(Family(
+    'davit', DaVit, cfg=dict(crop_pct=0.95, first_conv='stem.conv', classifier='head.fc'), renames=RENAMES,
+    variants=[variant(f'mz_davit_{a}', f'timm:davit_{a}', _PUBLISHED.get(a, (None,) * 3), arch=arch,
+                      tag='msft_in1k' if a in _PUBLISHED else '', build_only=a not in ('tiny', 'small'),
+                      slow=a == 'small')
+              for a, arch in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

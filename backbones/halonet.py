@@ -13,12 +13,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, SEModule, make_divisible
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq
 
-from . import _registry
-from ._builder import base_cfg, create_model
 from ._features import StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._registry import Family, register_family, variant
 from .layers import FoldedConvNormAct as ConvNormAct
 from .layers import drop_path_rates
 from .mixers import HaloAttention
@@ -161,8 +159,9 @@ class HaloNet(StagedModelMixin, nn.Module):
             self.feature_info.append(dict(num_chs=s.out_chs, reduction=red, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.final_conv = ConvNormAct(prev, cfg.final_chs, 1, act_layer=act) if cfg.final_chs else nn.Identity()
-        self.num_features = self.head_hidden_size = cfg.final_chs or prev
+        self.num_features = cfg.final_chs or prev
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head_hidden_size = self.head.num_features   # the pooled width, as timm's
         for n, m in self.named_modules():
             if isinstance(m, nn.Conv2d) and not n.endswith(('.q', '.kv')):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -188,29 +187,15 @@ class HaloNet(StagedModelMixin, nn.Module):
         return set()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        """timm's ByobNet semantics: the pooling is kept unless given, the new layers follow the model's mode,
+        the pooled width (2x for 'catavgmax') is head_hidden_size; ``reset_other`` has nothing to reset (the
+        final conv is a feature layer: prune_intermediate_layers(prune_norm=True) removes it)."""
         self.num_classes = num_classes
-        if reset_other:
-            self.final_conv = nn.Identity()
-            self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
-        self.head = ClassifierHead(self.num_features, num_classes,
-                                   pool_type=global_pool if global_pool is not None else 'avg')
+        self.head.reset(num_classes, global_pool, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HaloNet) -> Dict[str, torch.Tensor]:
-    """timm's layout (its ByobNet keys; also the original rwightman release files, which are timm's)."""
-    return match_state_dict(unwrap_state_dict(state_dict), model)
-
-
-def _create_halonet(variant: str, cfg: HaloCfg, pretrained: bool = False, **kwargs) -> HaloNet:
-    return create_model(HaloNet, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), cfg=cfg, **kwargs)
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'input_size': (3, 256, 256), 'pool_size': (8, 8), 'crop_pct': 0.95,
-                       'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc', **kwargs})
 
 
 CFGS = {
@@ -227,36 +212,17 @@ CFGS = {
                            act='silu', halo_size=3),
 }
 
-default_cfgs = generate_default_cfgs({
-    'mz_halonet_h1.untrained': _cfg(),
-    'mz_halonet26t.a1h_in1k': _cfg(),
-    'mz_sehalonet33ts.ra2_in1k': _cfg(crop_pct=0.94),
-    'mz_halonet50ts.a1h_in1k': _cfg(crop_pct=0.94),
-})
+# timm's halonet26t has published figures (12.5 M, 3.19 GMACs at 256, 79.1, timm results); the others none here
+_PUBLISHED = {'halonet26t': (12.5, 3.19, 79.1)}
+_TAGS = {'halonet_h1': 'untrained', 'halonet26t': 'a1h_in1k', 'sehalonet33ts': 'ra2_in1k', 'halonet50ts': 'a1h_in1k'}
 
-
-@register_model
-def mz_halonet_h1(pretrained=False, **kwargs) -> HaloNet:
-    return _create_halonet('mz_halonet_h1', CFGS['halonet_h1'], pretrained, **kwargs)
-
-
-@register_model
-def mz_halonet26t(pretrained=False, **kwargs) -> HaloNet:
-    return _create_halonet('mz_halonet26t', CFGS['halonet26t'], pretrained, **kwargs)
-
-
-@register_model
-def mz_sehalonet33ts(pretrained=False, **kwargs) -> HaloNet:
-    return _create_halonet('mz_sehalonet33ts', CFGS['sehalonet33ts'], pretrained, **kwargs)
-
-
-@register_model
-def mz_halonet50ts(pretrained=False, **kwargs) -> HaloNet:
-    return _create_halonet('mz_halonet50ts', CFGS['halonet50ts'], pretrained, **kwargs)
-
-
-# published: halonet26t 12.5 M, 3.19 GMACs at 256, 79.1 (timm results); the others have no figure here
-_registry.add('mz_halonet26t', 'halonet', 'timm:halonet26t', 12.5, 3.19, 79.1, img_size=256)
-_registry.add('mz_sehalonet33ts', 'halonet', 'timm:sehalonet33ts', img_size=256)
-_registry.add('mz_halonet50ts', 'halonet', 'timm:halonet50ts', img_size=256)
-_registry.add('mz_halonet_h1', 'halonet', 'timm:halonet_h1', img_size=256)
+# timm's layout (its ByobNet keys; the original rwightman release files are timm's): nothing to rename
+FAMILY = register_family(Family(
+    'halonet', HaloNet, cfg=dict(input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.95,
+                                 first_conv='stem.conv1.conv', classifier='head.fc'),
+    second_size=lambda s: (2 * s, s),     # timm's halo attention needs multiples of 8 x 32
+    variants=[variant(f'mz_{n}', f'timm:{n}', _PUBLISHED.get(n, (None,) * 3), arch=dict(cfg=cfg), tag=_TAGS[n],
+                      img_size=256, cfg=dict(crop_pct=0.94) if n in ('sehalonet33ts', 'halonet50ts') else {},
+                      slow=n in ('halonet50ts', 'halonet_h1', 'sehalonet33ts'))
+              for n, cfg in CFGS.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

@@ -19,22 +19,18 @@ Inside a stage the maps are NHWC; stage outputs are NCHW views of them.
 ``head``) and the zoo's. The release files hold ``model`` and ``model_ema``; like the official evaluation,
 the zoo loads ``model`` unless ``checkpoint_entry='model_ema'`` is passed to ``timm.create_model``.
 """
-import re
-from functools import partial
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
-from timm.models import generate_default_cfgs, register_model
 
 from ops._dispatch import tracing
 
-from . import _pretrained, _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, read_checkpoint, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import FoldedConvNormAct, drop_path_rates, trunc_normal_init
 from .mixers.linear import LinearAttention
 from .mixers.window import PartitionAttention
@@ -224,64 +220,14 @@ class L2ViT(StagedModelMixin, nn.Module):
         self.head.reset(num_classes, global_pool)
 
 
-_OFFICIAL_STEM = {'0': 'conv1.conv', '1': 'conv1.bn', '3': 'conv2.conv', '4': 'conv2.bn'}
-
-
-def _unwrap(state_dict, entry: str) -> Dict[str, torch.Tensor]:
-    """The state dict inside a training checkpoint, ``entry`` ('model' or 'model_ema') first; asking for
-    an entry the container lacks is an error (not a silent fall-back to the other weights)."""
-    if entry not in ENTRIES:
-        raise ValueError(f'checkpoint_entry must be one of {ENTRIES}, got {entry!r}')
-    if entry != 'model' and not any(torch.is_tensor(v) for v in state_dict.values()) and entry not in state_dict:
-        raise KeyError(f'the checkpoint has no {entry!r} entry (entries: {", ".join(map(str, state_dict))})')
-    return unwrap_state_dict(state_dict, prefer=entry)
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: L2ViT, entry: str = 'model'
-                         ) -> Dict[str, torch.Tensor]:
-    """The zoo's layout passes through; the official one (``downsample_layers.*``, ``stages.{i}.{j}``,
-    ``head``; plain or inside the release container, ``entry`` read) is renamed."""
-    state_dict = _unwrap(state_dict, entry)
-    if not any(k.startswith('downsample_layers.') for k in state_dict):
-        return match_state_dict(state_dict, model)
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^downsample_layers\.0\.proj\.proj\.(\d)\.', lambda m: f'stem.{_OFFICIAL_STEM[m[1]]}.', k)
-        k = re.sub(r'^downsample_layers\.0\.norm\.', 'stem.norm.', k)
-        k = re.sub(r'^downsample_layers\.(\d)\.', r'stages.\1.downsample.', k)
-        k = re.sub(r'^stages\.(\d)\.(\d+)\.', r'stages.\1.blocks.\2.', k)
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return match_state_dict(out, model)
-
-
-def _create_l2vit(variant: str, pretrained: bool = False, checkpoint_entry: str = 'model', **kwargs) -> L2ViT:
-    """``checkpoint_entry``: which weights of the release file to load, 'model' (what the official
-    evaluation reads; default) or 'model_ema'. timm's own file loader would take 'model_ema' whenever a
-    file has one, so the file is read here and handed to timm as a state dict."""
-    if checkpoint_entry not in ENTRIES:
-        raise ValueError(f'{variant}: checkpoint_entry must be one of {ENTRIES}, got {checkpoint_entry!r}')
-    path = None
-    if pretrained:
-        _pretrained.resolve(variant, True, kwargs)       # the local lookup (or an error saying what to get)
-        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        path = overlay.pop('file', None)
-        if path:
-            overlay['state_dict'] = read_checkpoint(path, prefer=checkpoint_entry)
-            kwargs['pretrained_cfg_overlay'] = overlay
-    model = create_model(L2ViT, variant, pretrained, partial(checkpoint_filter_fn, entry=checkpoint_entry),
-                         (0, 1, 2, 3), **kwargs)
-    if path:   # keep the cfg light (no second reference to the weights) and say where they came from
-        for m in {id(m): m for m in (model, getattr(model, 'model', None)) if m is not None}.values():
-            cfg = getattr(m, 'pretrained_cfg', None)
-            if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
-                cfg.update(state_dict=None, file=path, checkpoint_entry=checkpoint_entry)
-    return model
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'crop_pct': 0.875, 'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc', **kwargs})
-
+# ChuanyangZheng/L2ViT's names -> the zoo's: its conv stem is downsample_layers.0.proj.proj.{0,1,3,4} + .norm,
+# the other downsamples downsample_layers.{i} (LayerNorm + 2x2 conv), blocks stages.{i}.{j}
+RENAMES = Renames([
+    Rename('downsample_layers.0.proj.proj.0.', 'stem.conv1.conv.'), Rename('downsample_layers.0.proj.proj.1.', 'stem.conv1.bn.'),
+    Rename('downsample_layers.0.proj.proj.3.', 'stem.conv2.conv.'), Rename('downsample_layers.0.proj.proj.4.', 'stem.conv2.bn.'),
+    Rename('downsample_layers.0.norm.', 'stem.norm.'), Rename('downsample_layers.{i}.', 'stages.{i}.downsample.'),
+    Rename('stages.{i}.{j}.', 'stages.{i}.blocks.{j}.'), Rename('head.', 'head.fc.'),
+])
 
 _ARCH = {
     'tiny': dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
@@ -289,25 +235,15 @@ _ARCH = {
     'base': dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
 }
 _PUBLISHED = {'tiny': (29, 4.7, 83.1), 'small': (50, 9.0, 84.1), 'base': (89, 15.9, 84.4)}
+_OFFICIAL = {'tiny': (28_596_781, 284), 'small': (50_199_157, 536), 'base': (88_577_188, 536)}   # measured, 1000 classes
 
-default_cfgs = generate_default_cfgs({f'mz_l2vit_{a}.in1k': _cfg() for a in _ARCH})
-
-
-@register_model
-def mz_l2vit_tiny(pretrained=False, **kwargs) -> L2ViT:
-    return _create_l2vit('mz_l2vit_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
-
-
-@register_model
-def mz_l2vit_small(pretrained=False, **kwargs) -> L2ViT:
-    return _create_l2vit('mz_l2vit_small', pretrained, **dict(_ARCH['small'], **kwargs))
-
-
-@register_model
-def mz_l2vit_base(pretrained=False, **kwargs) -> L2ViT:
-    return _create_l2vit('mz_l2vit_base', pretrained, **dict(_ARCH['base'], **kwargs))
-
-
-for _a in _ARCH:
-    _registry.add(f'mz_l2vit_{_a}', 'l2vit', 'official:ChuanyangZheng/L2ViT', *_PUBLISHED[_a],
-                  build_only=_a == 'base')
+# the release files are training checkpoints {'model', 'model_ema', 'optimizer', ...}: 'model' is loaded (what the
+# official evaluation reads) unless checkpoint_entry='model_ema'
+FAMILY = register_family(Family(
+    'l2vit', L2ViT, cfg=dict(crop_pct=0.875, first_conv='stem.conv1.conv', classifier='head.fc'), renames=RENAMES,
+    checkpoint_entries=ENTRIES,
+    variants=[variant(f'mz_l2vit_{a}', 'official:ChuanyangZheng/L2ViT', _PUBLISHED[a], arch=arch,
+                      build_only=a == 'base', slow=a == 'small', official_params=_OFFICIAL[a][0],
+                      official_keys=_OFFICIAL[a][1])
+              for a, arch in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _convert, _pretrained
-from ._weights import match_state_dict, read_checkpoint
+from ._weights import read_checkpoint
 
 __all__ = ['MixZooBackbone', 'allow_mmengine_checkpoints']
 
@@ -107,9 +107,7 @@ class MixZooBackbone(BaseModule):
         """Load a checkpoint through the family's converter; mismatches raise (a checkpoint of
         another model), the classifier and the final norm are dropped."""
         if path == 'zoo':     # the family's release checkpoint, found as pretrained=True finds it
-            kw = {}
-            _pretrained.resolve(self.model_name, True, kw)    # raises saying what to download where
-            path = kw['pretrained_cfg_overlay']['file']
+            path = str(_pretrained.resolve(self.model_name))   # (or an error saying what to download where)
         sd = read_checkpoint(path, prefer=prefer)
         if prefix:
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -122,8 +120,7 @@ class MixZooBackbone(BaseModule):
             # a classifier checkpoint in any layout the family takes: match it against the whole
             # model, then keep what the pruned backbone uses (no final norm, no head)
             # the same architecture with its head, as released
-            probe = timm.create_model(self.model_name, pretrained=False, **self._model_kwargs)
-            sd = match_state_dict(_convert.filter_fn_of(probe)(dict(sd), probe), probe)
+            sd, _ = _convert.zoo_state_dict(self.model_name, sd, **self._model_kwargs)
             keep = self.model.state_dict()
             self.model.load_state_dict({k: v for k, v in sd.items() if k in keep}, strict=True)
         print_log(f'MixZooBackbone: loaded {path} into {self.model_name}', logger='current')

@@ -3,21 +3,18 @@
 Same architecture and state-dict layout as timm's ``poolformer_*`` (MetaFormer v1 configs):
 conv stem 7x7/4, stages of [GroupNorm -> pooling mixer -> layer scale] + [GroupNorm -> 1x1-conv MLP
 -> layer scale] blocks, 3x3/2 conv downsamples, pooled LayerNorm + linear head.
-``checkpoint_filter_fn`` also accepts the original sail-sg/poolformer release layout.
+The checkpoint loader also reads the original sail-sg/poolformer release layout (``RENAMES``).
 """
-import re
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.models import generate_default_cfgs, register_model
 
-from . import _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import ChannelScale, drop_path_rates, trunc_normal_init
 from .mixers import Pooling
 
@@ -101,78 +98,29 @@ class PoolFormer(StagedModelMixin, nn.Module):
         return set()
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PoolFormer) -> Dict[str, torch.Tensor]:
-    """timm layout passes through; the original release layout (``network.*``, ``patch_embed``,
-    ``layer_scale_1``) is renamed to it."""
-    state_dict = unwrap_state_dict(state_dict)
-    if 'stem.conv.weight' in state_dict:
-        return match_state_dict(state_dict, model)
-    out = {}
-    for k, v in state_dict.items():
-        k = k.replace('patch_embed.proj', 'stem.conv')
-        m = re.match(r'network\.(\d+)\.(.*)', k)
-        if m:
-            idx, rest = int(m.group(1)), m.group(2)
-            if idx % 2:   # odd entries of the original `network` list are the downsamples
-                k = f'stages.{(idx + 1) // 2}.downsample.{rest.replace("proj.", "conv.")}'
-            else:
-                rest = re.sub(r'layer_scale_(\d)$', r'layer_scale\1.scale', rest)
-                k = f'stages.{idx // 2}.blocks.{rest}'
-        k = re.sub(r'^norm\.', 'head.norm.', k)
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return match_state_dict(out, model)
+# sail-sg/poolformer's release names -> timm's: its ``network`` list alternates stages (even entries) and
+# downsamples (odd entries)
+RENAMES = Renames([
+    Rename('patch_embed.proj.', 'stem.conv.'),
+    Rename('network.{2*s-1}.proj.', 'stages.{s}.downsample.conv.'),
+    Rename('network.{2*s}.', 'stages.{s}.blocks.'),
+    Rename('norm.', 'head.norm.'), Rename('head.', 'head.fc.'),
+    Rename('.layer_scale_{n}', '.layer_scale{n}.scale'),
+])
 
+_S, _M = (64, 128, 320, 512), (96, 192, 384, 768)
+# name: depths, dims, layer-scale init, (published params M, GMACs, top-1)
+_ARCH = {
+    's12': ((2, 2, 6, 2), _S, 1e-5, (12, 1.8, 77.2)), 's24': ((4, 4, 12, 4), _S, 1e-5, (21, 3.4, 80.3)),
+    's36': ((6, 6, 18, 6), _S, 1e-6, (31, 5.0, 81.4)), 'm36': ((6, 6, 18, 6), _M, 1e-6, (56, 8.8, 82.1)),
+    'm48': ((8, 8, 24, 8), _M, 1e-6, (73, 11.6, 82.5)),
+}
 
-def _create_poolformer(variant: str, pretrained: bool = False, **kwargs) -> PoolFormer:
-    return create_model(PoolFormer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'crop_pct': 0.9, 'first_conv': 'stem.conv', 'classifier': 'head.fc', **kwargs})
-
-
-default_cfgs = generate_default_cfgs({
-    'mz_poolformer_s12.sail_in1k': _cfg(),
-    'mz_poolformer_s24.sail_in1k': _cfg(),
-    'mz_poolformer_s36.sail_in1k': _cfg(),
-    'mz_poolformer_m36.sail_in1k': _cfg(crop_pct=0.95),
-    'mz_poolformer_m48.sail_in1k': _cfg(crop_pct=0.95),
-})
-
-_S = (64, 128, 320, 512)
-_M = (96, 192, 384, 768)
-
-
-@register_model
-def mz_poolformer_s12(pretrained=False, **kwargs) -> PoolFormer:
-    return _create_poolformer('mz_poolformer_s12', pretrained, **dict(depths=(2, 2, 6, 2), dims=_S, **kwargs))
-
-
-@register_model
-def mz_poolformer_s24(pretrained=False, **kwargs) -> PoolFormer:
-    return _create_poolformer('mz_poolformer_s24', pretrained, **dict(depths=(4, 4, 12, 4), dims=_S, **kwargs))
-
-
-@register_model
-def mz_poolformer_s36(pretrained=False, **kwargs) -> PoolFormer:
-    return _create_poolformer('mz_poolformer_s36', pretrained, **dict(
-        depths=(6, 6, 18, 6), dims=_S, layer_scale_init_value=1e-6, **kwargs))
-
-
-@register_model
-def mz_poolformer_m36(pretrained=False, **kwargs) -> PoolFormer:
-    return _create_poolformer('mz_poolformer_m36', pretrained, **dict(
-        depths=(6, 6, 18, 6), dims=_M, layer_scale_init_value=1e-6, **kwargs))
-
-
-@register_model
-def mz_poolformer_m48(pretrained=False, **kwargs) -> PoolFormer:
-    return _create_poolformer('mz_poolformer_m48', pretrained, **dict(
-        depths=(8, 8, 24, 8), dims=_M, layer_scale_init_value=1e-6, **kwargs))
-
-
-for _n, _p, _g, _t in (('s12', 12, 1.8, 77.2), ('s24', 21, 3.4, 80.3), ('s36', 31, 5.0, 81.4),
-                       ('m36', 56, 8.8, 82.1), ('m48', 73, 11.6, 82.5)):
-    _registry.add(f'mz_poolformer_{_n}', 'poolformer', f'timm:poolformer_{_n}', _p, _g, _t,
-                  build_only=_n in ('m48',))
+FAMILY = register_family(Family(
+    'poolformer', PoolFormer, cfg=dict(crop_pct=0.9, first_conv='stem.conv', classifier='head.fc'), renames=RENAMES,
+    variants=[variant(f'mz_poolformer_{n}', f'timm:poolformer_{n}', pub, tag='sail_in1k',
+                      arch=dict(depths=d, dims=dims, layer_scale_init_value=ls),
+                      cfg=dict(crop_pct=0.95) if n.startswith('m') else {},
+                      build_only=n == 'm48', slow=n in ('s36', 'm36'))
+              for n, (d, dims, ls, pub) in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

@@ -7,18 +7,15 @@ bias-free ConvNorm whose BN is folded on the fly in eval; ``model.fuse()`` makes
 (plain convs / linear, residual dw-convs folded into one kernel) with equal logits.
 ``checkpoint_filter_fn`` also reads the official ysj9909/SHViT release layout (``blocks1..3``).
 """
-import re
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import SEModule, SelectAdaptivePool2d, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 
-from . import _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import ConvNorm, Linear, Residual, fuse_modules
 from .mixers import SingleHeadAttention
 
@@ -95,6 +92,18 @@ class NormLinear(nn.Module):
         return m
 
 
+def _global_pool(pool_type: str, num_classes: int) -> SelectAdaptivePool2d:
+    """Flattened pooled vectors; with pooling off ('') the unpooled (B, C, H, W) map, as timm's SHViT."""
+    pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+    if pool.feat_mult() != 1:
+        raise ValueError(f"SHViT's head (BatchNorm1d + Linear over num_features) cannot take global_pool="
+                         f"{pool_type!r}, which changes the pooled width; use 'avg', 'max', 'avgmax' or ''")
+    if not pool_type and num_classes > 0:
+        raise ValueError(f"SHViT's classifier takes pooled vectors: global_pool='' needs num_classes=0 "
+                         f"(got {num_classes}); set a pooling ('avg') to keep a classifier")
+    return pool
+
+
 class SHViT(StagedModelMixin, nn.Module):
     def __init__(
             self,
@@ -126,7 +135,7 @@ class SHViT(StagedModelMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = nn.Identity()
         self.num_features = self.head_hidden_size = embed_dim[-1]
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _global_pool(global_pool, num_classes)
         self.head = NormLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     @property
@@ -147,10 +156,11 @@ class SHViT(StagedModelMixin, nn.Module):
         return set()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = NormLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        pool = _global_pool(self.global_pool.pool_type if global_pool is None else global_pool, num_classes)
+        self.num_classes, self.global_pool = num_classes, pool.train(self.training)
+        # the new head follows the model's mode, as timm's (its BatchNorm1d would otherwise use batch statistics)
+        head = NormLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = head.train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -167,52 +177,24 @@ class SHViT(StagedModelMixin, nn.Module):
     reparameterize = fuse
 
 
-def _official_to_timm(k: str) -> str:
-    """ysj9909/SHViT names -> timm's: blocks1.j -> stages.0.blocks.j; blocks{2,3}.{0,1,2} -> the
-    stage's downsample (pre-merge residuals, PatchMerging, post-merge residuals); blocks{2,3}.{j>=3}
-    -> stages.{1,2}.blocks.{j-3}."""
-    m = re.match(r'blocks([123])\.(\d+)\.(.*)', k)
-    if not m:
-        return k
-    s, j, rest = int(m.group(1)) - 1, int(m.group(2)), m.group(3)
-    if s == 0:
-        return f'stages.0.blocks.{j}.{rest}'
-    if j == 0:   # Sequential(Residual(dw), Residual(FFN)) before the merge
-        return f'stages.{s}.downsample.' + re.sub(r'^(\d)\.', lambda g: f'{int(g.group(1))}.', rest)
-    if j == 1:
-        return f'stages.{s}.downsample.2.{rest}'
-    if j == 2:   # Sequential(Residual(dw), Residual(FFN)) after the merge -> downsample.3 / .4
-        return f'stages.{s}.downsample.' + re.sub(r'^(\d)\.', lambda g: f'{int(g.group(1)) + 3}.', rest)
-    return f'stages.{s}.blocks.{j - 3}.{rest}'
+# ysj9909/SHViT's release names -> timm's: blocks1.j is stage 0's block j; in blocks2/3 entries 0..2 are the
+# downsample (0: residuals before the merge -> downsample.0/1, 1: PatchMerging -> downsample.2, 2: residuals
+# after it -> downsample.3/4) and entries j >= 3 the stage's block j - 3
+RENAMES = Renames([
+    Rename('blocks1.{j}.', 'stages.0.blocks.{j}.'),
+    Rename('blocks{s+1}.2.{d}.', 'stages.{s}.downsample.{d+3}.'),
+    Rename('blocks{s+1}.1.', 'stages.{s}.downsample.2.'),
+    Rename('blocks{s+1}.0.{d}.', 'stages.{s}.downsample.{d}.'),
+    Rename('blocks{s+1}.{j+3}.', 'stages.{s}.blocks.{j}.'),
+])
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SHViT) -> Dict[str, torch.Tensor]:
-    """timm's layout passes through; the official release (``{'model': ...}``, ``blocks1..3`` names,
-    some 1x1 conv weights stored 2-D) is renamed and reshaped to it."""
-    state_dict = unwrap_state_dict(state_dict)
+def _conv_weights_4d(state_dict: Dict[str, torch.Tensor], model: SHViT) -> Dict[str, torch.Tensor]:
+    """Some release tensors store 1x1 conv weights 2-D."""
     own = model.state_dict()
-    out = {}
-    for k, v in state_dict.items():
-        k = _official_to_timm(k)
-        if k in own and v.ndim == 2 and own[k].ndim == 4:
-            v = v[:, :, None, None]
-        out[k] = v
-    return match_state_dict(out, model)
+    return {k: v[:, :, None, None] if k in own and v.ndim == 2 and own[k].ndim == 4 else v
+            for k, v in state_dict.items()}
 
-
-def _create_shvit(variant: str, pretrained: bool = False, **kwargs) -> SHViT:
-    return create_model(SHViT, variant, pretrained, checkpoint_filter_fn, (0, 1, 2), **kwargs)
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'pool_size': (4, 4), 'crop_pct': 0.875, 'first_conv': 'patch_embed.0.c', 'classifier': 'head.l',
-                       'license': 'mit', **kwargs})
-
-
-default_cfgs = generate_default_cfgs({
-    'mz_shvit_s1.in1k': _cfg(), 'mz_shvit_s2.in1k': _cfg(), 'mz_shvit_s3.in1k': _cfg(),
-    'mz_shvit_s4.in1k': _cfg(input_size=(3, 256, 256), pool_size=(4, 4)),
-})
 
 _ARCH = {
     's1': dict(embed_dim=(128, 224, 320), depth=(2, 4, 5), partial_dim=(32, 48, 68)),
@@ -220,29 +202,15 @@ _ARCH = {
     's3': dict(embed_dim=(192, 352, 448), depth=(3, 5, 5), partial_dim=(48, 75, 96)),
     's4': dict(embed_dim=(224, 336, 448), depth=(4, 7, 6), partial_dim=(48, 72, 96)),
 }
-
-
-@register_model
-def mz_shvit_s1(pretrained=False, **kwargs) -> SHViT:
-    return _create_shvit('mz_shvit_s1', pretrained, **dict(_ARCH['s1'], types=('i', 's', 's'), **kwargs))
-
-
-@register_model
-def mz_shvit_s2(pretrained=False, **kwargs) -> SHViT:
-    return _create_shvit('mz_shvit_s2', pretrained, **dict(_ARCH['s2'], types=('i', 's', 's'), **kwargs))
-
-
-@register_model
-def mz_shvit_s3(pretrained=False, **kwargs) -> SHViT:
-    return _create_shvit('mz_shvit_s3', pretrained, **dict(_ARCH['s3'], types=('i', 's', 's'), **kwargs))
-
-
-@register_model
-def mz_shvit_s4(pretrained=False, **kwargs) -> SHViT:
-    return _create_shvit('mz_shvit_s4', pretrained, **dict(_ARCH['s4'], types=('i', 's', 's'), **kwargs))
-
-
 # published: params M, GMACs (at 224; S4 at 256), top-1
-for _n, _p, _g, _t in (('s1', 6.3, 0.241, 72.8), ('s2', 11.4, 0.366, 75.2), ('s3', 14.2, 0.601, 77.4),
-                       ('s4', 16.5, 0.986, 79.4)):
-    _registry.add(f'mz_shvit_{_n}', 'shvit', f'timm:shvit_{_n}', _p, _g, _t, img_size=256 if _n == 's4' else 224)
+_PUBLISHED = {'s1': (6.3, 0.241, 72.8), 's2': (11.4, 0.366, 75.2), 's3': (14.2, 0.601, 77.4), 's4': (16.5, 0.986, 79.4)}
+
+FAMILY = register_family(Family(
+    'shvit', SHViT, cfg=dict(pool_size=(4, 4), crop_pct=0.875, first_conv='patch_embed.0.c', classifier='head.l',
+                             license='mit'),
+    renames=RENAMES, transform=_conv_weights_4d, out_indices=(0, 1, 2), num_stages=3,
+    variants=[variant(f'mz_shvit_{n}', f'timm:shvit_{n}', _PUBLISHED[n], arch=dict(arch, types=('i', 's', 's')),
+                      img_size=256 if n == 's4' else 224, cfg=dict(input_size=(3, 256, 256)) if n == 's4' else {},
+                      slow=n in ('s3', 's4'))
+              for n, arch in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

@@ -7,24 +7,21 @@ Hyper-parameters and the official release layout are those of DaiShiResearch/Tra
 The mixers (``backbones/mixers/aggregated.py``) compute every resolution-dependent term for the actual
 map, so any input size runs (the official model is tied to the one square size it was built for).
 Inside a stage the maps are NHWC; stage outputs are NCHW views of them.
-``checkpoint_filter_fn`` reads the official layout (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``,
+The checkpoint loader reads the official layout (``RENAMES``: (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``,
 ``head``) and the zoo's.
 
 Checked against the official code (tests/fixtures, tools/official/transnext.py): logits equal the official
 model's with the same weights; parameter counts and state-dict keys are the official ones.
 """
-import re
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath
-from timm.models import generate_default_cfgs, register_model
 
-from . import _registry
-from ._builder import base_cfg, create_model
 from ._features import Stage, StagedModelMixin
-from ._weights import match_state_dict, unwrap_state_dict
+from ._registry import Family, register_family, variant
+from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers.aggregated import AggregatedAttention, GlobalAttention
 
@@ -148,29 +145,11 @@ class TransNeXt(StagedModelMixin, nn.Module):
         self.head.reset(num_classes, global_pool)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) -> Dict[str, torch.Tensor]:
-    """The zoo's layout passes through; the official one (plain state dict or under 'model') is renamed."""
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith('stages.') for k in state_dict):
-        return match_state_dict(state_dict, model)
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^patch_embed(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.downsample.', k)
-        k = re.sub(r'^block(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.blocks.', k)
-        k = re.sub(r'^norm(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.norm.', k)
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return match_state_dict(out, model)
-
-
-def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
-    return create_model(TransNeXt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
-
-
-def _cfg(**kwargs):
-    return base_cfg(**{'crop_pct': 0.875, 'first_conv': 'stages.0.downsample.proj', 'classifier': 'head.fc',
-                       **kwargs})
-
+# DaiShiResearch/TransNeXt's names (a plain state dict) -> the zoo's
+RENAMES = Renames([
+    Rename('patch_embed{s+1}.', 'stages.{s}.downsample.'), Rename('block{s+1}.', 'stages.{s}.blocks.'),
+    Rename('norm{s+1}.', 'stages.{s}.norm.'), Rename('head.', 'head.fc.'),
+])
 
 _ARCH = {
     'micro': dict(depths=(2, 2, 15, 2), embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16)),
@@ -180,30 +159,15 @@ _ARCH = {
 }
 _PUBLISHED = {'micro': (12.8, 2.7, 82.5), 'tiny': (28.2, 5.7, 84.0), 'small': (49.7, 10.3, 84.7),
               'base': (89.7, 18.4, 84.8)}
+# parameter count and state-dict size measured with the official code (../shared/OFFICIAL-FACTS.md), 1000 classes
+_OFFICIAL = {'micro': (12_809_304, 617), 'tiny': (28_258_960, 617), 'small': (49_741_564, 1054),
+             'base': (89_721_496, 1083)}
 
-default_cfgs = generate_default_cfgs({f'mz_transnext_{a}.in1k': _cfg() for a in _ARCH})
-
-
-@register_model
-def mz_transnext_micro(pretrained=False, **kwargs) -> TransNeXt:
-    return _create_transnext('mz_transnext_micro', pretrained, **dict(_ARCH['micro'], **kwargs))
-
-
-@register_model
-def mz_transnext_tiny(pretrained=False, **kwargs) -> TransNeXt:
-    return _create_transnext('mz_transnext_tiny', pretrained, **dict(_ARCH['tiny'], **kwargs))
-
-
-@register_model
-def mz_transnext_small(pretrained=False, **kwargs) -> TransNeXt:
-    return _create_transnext('mz_transnext_small', pretrained, **dict(_ARCH['small'], **kwargs))
-
-
-@register_model
-def mz_transnext_base(pretrained=False, **kwargs) -> TransNeXt:
-    return _create_transnext('mz_transnext_base', pretrained, **dict(_ARCH['base'], **kwargs))
-
-
-for _a in _ARCH:
-    _registry.add(f'mz_transnext_{_a}', 'transnext', 'official:DaiShiResearch/TransNeXt', *_PUBLISHED[_a],
-                  build_only=_a in ('small', 'base'))
+FAMILY = register_family(Family(
+    'transnext', TransNeXt, cfg=dict(crop_pct=0.875, first_conv='stages.0.downsample.proj', classifier='head.fc'),
+    renames=RENAMES,
+    variants=[variant(f'mz_transnext_{a}', 'official:DaiShiResearch/TransNeXt', _PUBLISHED[a], arch=arch,
+                      build_only=a in ('small', 'base'), official_params=_OFFICIAL[a][0],
+                      official_keys=_OFFICIAL[a][1])
+              for a, arch in _ARCH.items()]), __name__)
+checkpoint_filter_fn = FAMILY.filter

@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.pop('MIXZOO_BACKEND', None)   # tests force backends explicitly
+os.environ['MIXZOO_OFFLINE'] = '1'        # pretrained=True never reaches the network (test_download lifts it)
 
 import pytest  # noqa: E402
 

@@ -28,7 +28,7 @@ ONE_PER_FAMILY = {m.family: n for n, m in reversed(list(backbones.MODELS.items()
 
 
 def _stages(name):
-    return (0, 1, 2) if backbones.MODELS[name].family == 'shvit' else (0, 1, 2, 3)
+    return tuple(range(backbones.FAMILIES[backbones.MODELS[name].family].num_stages))
 
 
 # --- the adapter -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import backbones
-from backbones import MODELS
+from backbones import FAMILIES, MODELS
 from helpers import gmacs, official_layout, param_count, randomize_, rel_err
 
 TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
@@ -20,31 +20,10 @@ TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
 # run here; the logits check needs the official code (tests/fixtures, when available)
 OFFICIAL = {n: m for n, m in MODELS.items() if m.reference.startswith('official:')}
 RUN = [n for n, m in MODELS.items() if not m.build_only]
-# parameter counts measured with the official code (../shared/OFFICIAL-FACTS.md), 1000 classes
-OFFICIAL_PARAMS = {'mz_transnext_micro': 12_809_304, 'mz_transnext_tiny': 28_258_960,
-                   'mz_transnext_small': 49_741_564, 'mz_transnext_base': 89_721_496,
-                   'mz_l2vit_tiny': 28_596_781, 'mz_l2vit_small': 50_199_157, 'mz_l2vit_base': 88_577_188,
-                   'mz_biformer_tiny': 13_142_760, 'mz_biformer_small': 25_536_232, 'mz_biformer_base': 56_804_968}
-OFFICIAL_KEYS = {'mz_transnext_micro': 617, 'mz_transnext_tiny': 617, 'mz_transnext_small': 1054,
-                 'mz_transnext_base': 1083, 'mz_l2vit_tiny': 284, 'mz_l2vit_small': 536, 'mz_l2vit_base': 536,
-                 'mz_biformer_tiny': 264, 'mz_biformer_small': 518,
-                 'mz_biformer_base': 518}
-# second input size per family: one timm's model also accepts (MaxViT needs multiples of its window
-# grid, 32 * window); PoolFormer takes any size, so a non-square odd one
-SECOND_SIZE = {'maxvit': lambda s: (2 * s, s), 'poolformer': lambda s: (193, 257), 'shvit': lambda s: (193, 257),
-               'davit': lambda s: (193, 257),
-               'halonet': lambda s: (2 * s, s)}   # timm's halo attention needs multiples of 8 x 32
-# largest variants of each family run in CI too, marked slow
-# published GMACs that the architecture cannot meet within 2%: timm's own model, counted the same way,
-# gives the same figure as the zoo (23.92 vs zoo 23.90 vs paper 23.4), so the gap is the paper's counting
-GMACS_TOL = {'mz_maxvit_base_tf_224': 0.025}
-SLOW = {'mz_maxvit_small_tf_224', 'mz_halonet50ts', 'mz_halonet_h1', 'mz_sehalonet33ts', 'mz_davit_small',
-        'mz_shvit_s3', 'mz_shvit_s4', 'mz_maxvit_tiny_tf_384', 'mz_poolformer_m36', 'mz_poolformer_s36',
-        'mz_l2vit_small', 'mz_biformer_small'}
 
 
 def _marks(name):
-    return [pytest.mark.slow] if name in SLOW else []
+    return [pytest.mark.slow] if MODELS[name].slow else []
 
 
 def _run_params():
@@ -84,7 +63,7 @@ def test_registry_lists_every_registered_model():
 def test_logits_match_reference(name, ckpt_dir):  # (timm references; official ones: fixtures)
     ref, zoo = _reference_and_zoo(name, ckpt_dir)
     s = MODELS[name].img_size
-    sizes = [(s, s), SECOND_SIZE[MODELS[name].family](s)]
+    sizes = [(s, s), FAMILIES[MODELS[name].family].second_size(s)]
     for i, hw in enumerate(sizes):
         x = torch.randn(2 if i == 0 else 1, 3, *hw)
         with torch.no_grad():
@@ -101,8 +80,9 @@ def test_official_params_keys_and_gmacs(name):
     info = MODELS[name]
     with torch.device('meta'):
         zoo = timm.create_model(name)
-    assert param_count(zoo) == OFFICIAL_PARAMS[name]
-    assert len(zoo.state_dict()) == OFFICIAL_KEYS[name]
+    assert info.official_params and info.official_keys, f'{name}: no official figures in its family record'
+    assert param_count(zoo) == info.official_params
+    assert len(zoo.state_dict()) == info.official_keys
     g = gmacs(zoo, (info.img_size, info.img_size))
     assert abs(g - info.gmacs) / info.gmacs <= 0.02, f'{name}: {g:.3f} GMACs vs published {info.gmacs}'
 
@@ -124,8 +104,7 @@ def test_params_and_gmacs(name):
     assert abs(ops.get('convolution', 0) - ops_ref.get('convolution', 0)) <= 1e-6 * g_ref, (ops, ops_ref)
     assert g_ref * 0.98 <= g <= g_ref * 1.02, f'{name}: {g:.3f} GMACs vs timm {g_ref:.3f}'
     if info.gmacs is not None:
-        tol = GMACS_TOL.get(name, 0.02)
-        assert abs(g - info.gmacs) / info.gmacs <= tol, f'{name}: {g:.3f} GMACs vs published {info.gmacs}'
+        assert abs(g - info.gmacs) / info.gmacs <= info.gmacs_tol, f'{name}: {g:.3f} GMACs vs published {info.gmacs}'
 
 
 @pytest.mark.parametrize('name', _run_params())
@@ -201,6 +180,95 @@ def test_default_cfg_is_complete(name):
     assert m.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 7)
 
 
+def _names(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _default_cfgs_params():
+    """Every fully tested model on CPU; of the build_only ones, one per (family, input size) on the meta
+    device (a family's variants share their head code; the input size sets the cfg's pool_size)."""
+    built = {}
+    for n, m in MODELS.items():
+        if m.build_only:
+            built.setdefault((m.family, m.img_size), n)
+    return _run_params() + [pytest.param(n, marks=pytest.mark.slow, id=f'{n}-meta') for n in built.values()]
+
+
+@pytest.mark.parametrize('name', _default_cfgs_params())
+def test_model_default_cfgs(name):
+    """timm's own contract (timm's tests/test_models.py, test_model_default_cfgs), at the cfg's input size:
+    forward_features gives the (num_features, *pool_size) map, forward_head(pre_logits=True) head_hidden_size
+    vectors; reset_classifier(0) pools to those vectors, reset_classifier(0, '') and
+    create_model(num_classes=0, global_pool='') give the unpooled map; the cfg's classifier and first_conv
+    name parameters; the cfg's pool_size is the timm reference's."""
+    info = MODELS[name]
+    device = torch.device('meta' if info.build_only else 'cpu')
+    with device:
+        model = timm.create_model(name).eval()
+    assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
+    cfg, keys = model.default_cfg, model.state_dict().keys()
+    for c in _names(cfg['classifier']) + _names(cfg['first_conv']):
+        assert c + '.weight' in keys, f'{name}: cfg names {c!r}, which is not a parameter of the model'
+    pool = tuple(cfg['pool_size'])
+    if info.reference.startswith('timm:'):
+        assert pool == tuple(timm.get_pretrained_cfg_value(_timm_name(name), 'pool_size'))
+    x = torch.randn(1, *cfg['input_size'], device=device)
+    unpooled = (1, model.num_features, *pool)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert feats.shape == unpooled
+        assert pre.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and model(x).shape == pre.shape
+        model.reset_classifier(0, '')
+        assert model(x).shape == unpooled, 'reset_classifier(0, "") must give the unpooled map'
+        with device:
+            bare = timm.create_model(name, num_classes=0, global_pool='').eval()
+        assert bare(x).shape == unpooled, 'create_model(num_classes=0, global_pool="") must give the unpooled map'
+
+
+# reset_classifier calls in order (each on the model as the previous one left it): the pooling is kept when
+# not given, '' passes the map through, other pools change the pooled width or not as timm's do
+HEAD_RESETS = [(0, None), (0, ''), (0, 'max'), (0, None), (3, 'avg'), (5, None), (0, 'avgmax'), (0, 'catavgmax')]
+
+
+@pytest.mark.parametrize('name', _timm_run_params())
+def test_head_api_matches_reference(name):
+    """Same weights, the same head calls on zoo and timm models: the same outputs (pre-logits, pooled,
+    unpooled, new classifiers), num_classes / num_features / head_hidden_size, the new layers in the
+    model's mode; a call timm refuses is refused."""
+    ref = randomize_(timm.create_model(_timm_name(name))).eval()
+    zoo = timm.create_model(name).eval()
+    zoo.load_state_dict(ref.state_dict())
+    s = MODELS[name].img_size
+    x = torch.randn(2, 3, s, s)
+
+    def same(what, a, b):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-4, f'{name} {what}: {tuple(a.shape)} vs timm {tuple(b.shape)}'
+        attrs = [(m.num_classes, m.num_features, m.head_hidden_size) for m in (zoo, ref)]
+        assert attrs[0] == attrs[1], f'{name} {what}: (num_classes, num_features, head_hidden_size) {attrs}'
+        assert not any(m.training for m in zoo.modules()), f'{name} {what}: layers left in training mode'
+
+    with torch.no_grad():
+        f_zoo, f_ref = zoo.forward_features(x), ref.forward_features(x)
+        same('forward_head(pre_logits=True)', zoo.forward_head(f_zoo, pre_logits=True),
+             ref.forward_head(f_ref, pre_logits=True))
+        for num_classes, pool in HEAD_RESETS:
+            try:
+                ref.reset_classifier(num_classes, pool)
+            except (AssertionError, ValueError):
+                with pytest.raises((AssertionError, ValueError), match='(?i)pool'):   # timm's own heads assert
+                    zoo.reset_classifier(num_classes, pool)
+                break   # timm's model is left half reset
+            zoo.reset_classifier(num_classes, pool)
+            zoo.load_state_dict(ref.state_dict())        # a new classifier's random weights
+            same(f'reset_classifier({num_classes}, {pool!r})', zoo.forward_head(f_zoo), ref.forward_head(f_ref))
+        ref, zoo = (timm.create_model(n, num_classes=0, global_pool='').eval() for n in (_timm_name(name), name))
+        zoo.load_state_dict(ref.state_dict())
+        same("create_model(num_classes=0, global_pool='')", zoo.forward_head(f_zoo), ref.forward_head(f_ref))
+
+
 @pytest.mark.parametrize('name', _run_params())
 def test_odd_size_runs_and_backends_agree(name, monkeypatch):
     """Sizes no window divides: padded, padded keys masked, cropped back; the default op backend
@@ -221,22 +289,8 @@ def test_odd_size_runs_and_backends_agree(name, monkeypatch):
 def test_poolformer_original_release_layout_loads(tmp_path):
     """sail-sg/poolformer's own key layout (network.*, patch_embed, layer_scale_1) goes through
     checkpoint_filter_fn to the same logits."""
-    import re
     ref = randomize_(timm.create_model('poolformer_s12')).eval()
-    orig = {}
-    for k, v in ref.state_dict().items():
-        m = re.match(r'stages\.(\d+)\.(downsample|blocks)\.(.*)', k)
-        if k.startswith('stem.conv'):
-            k = k.replace('stem.conv', 'patch_embed.proj')
-        elif m and m.group(2) == 'downsample':
-            k = f'network.{2 * int(m.group(1)) - 1}.{m.group(3).replace("conv.", "proj.")}'
-        elif m:
-            k = f'network.{2 * int(m.group(1))}.' + re.sub(r'layer_scale(\d)\.scale', r'layer_scale_\1', m.group(3))
-        elif k.startswith('head.norm'):
-            k = k.replace('head.norm', 'norm')
-        elif k.startswith('head.fc'):
-            k = k.replace('head.fc', 'head')
-        orig[k] = v
+    orig = FAMILIES['poolformer'].renames.to_official(ref.state_dict())
     assert 'network.0.0.layer_scale_1' in orig and 'network.1.proj.weight' in orig
     path = tmp_path / 'poolformer_s12.pth.tar'
     torch.save({'state_dict': orig}, path)
@@ -261,24 +315,11 @@ def test_shvit_fuse_keeps_logits(name):
 def test_shvit_official_release_layout_loads(tmp_path):
     """ysj9909/SHViT names (blocks1..3, merge blocks inside them), {'model': ...} wrapper and 1x1
     conv weights stored 2-D load through checkpoint_filter_fn to the same logits."""
-    import re
     ref = randomize_(timm.create_model('shvit_s1')).eval()
-    orig = {}
-    for k, v in ref.state_dict().items():
-        m = re.match(r'stages\.(\d)\.(downsample|blocks)\.(\d+)\.(.*)', k)
-        if m:
-            s, part, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            if part == 'blocks':
-                k = f'blocks{s + 1}.{j + (3 if s else 0)}.{rest}'
-            elif j < 2:
-                k = f'blocks{s + 1}.0.{j}.{rest}'
-            elif j == 2:
-                k = f'blocks{s + 1}.1.{rest}'
-            else:
-                k = f'blocks{s + 1}.2.{j - 3}.{rest}'
+    orig = FAMILIES['shvit'].renames.to_official(ref.state_dict())
+    for k, v in orig.items():
         if k.endswith('qkv.c.weight') or k.endswith('pw1.c.weight'):
-            v = v[:, :, 0, 0]      # stored 2-D, as some release tensors are
-        orig[k] = v
+            orig[k] = v[:, :, 0, 0]      # stored 2-D, as some release tensors are
     assert 'blocks2.1.conv1.c.weight' in orig and 'blocks3.3.mixer.m.qkv.c.weight' in orig
     path = tmp_path / 'shvit_s1.pth'
     torch.save({'model': orig, 'epoch': 299}, path)
@@ -290,18 +331,8 @@ def test_shvit_official_release_layout_loads(tmp_path):
 
 def test_davit_official_release_layout_loads(tmp_path):
     """dingmyu/davit names (patch_embeds, main_blocks, cpe.0/1, norms, head) load to the same logits."""
-    import re
     ref = randomize_(timm.create_model('davit_tiny')).eval()
-    orig = {}
-    for k, v in ref.state_dict().items():
-        k = re.sub(r'^stem\.(conv|norm)\.',
-                   lambda m: f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.", k)
-        k = re.sub(r'^stages\.(\d+)\.downsample\.(conv|norm)\.',
-                   lambda m: f"patch_embeds.{m.group(1)}.{'proj' if m.group(2) == 'conv' else 'norm'}.", k)
-        k = re.sub(r'^stages\.(\d+)\.blocks\.', r'main_blocks.\1.', k)
-        k = k.replace('.cpe1.', '.cpe.0.').replace('.cpe2.', '.cpe.1.')
-        k = k.replace('head.norm.', 'norms.').replace('head.fc.', 'head.')
-        orig[k] = v
+    orig = FAMILIES['davit'].renames.to_official(ref.state_dict())
     assert 'main_blocks.2.1.1.cpe.1.proj.weight' in orig and 'patch_embeds.3.proj.weight' in orig
     path = tmp_path / 'davit_tiny.pth'
     torch.save({'state_dict': orig}, path)

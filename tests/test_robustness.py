@@ -226,12 +226,15 @@ def test_truncated_corrupted_and_unsafe_files(s12_file, tmp_path):
     for f in ('trunc.pth', 'junk.pth', 'obj.pth'):   # obj.pth: a raw pickle, not torch.save's format
         with pytest.raises(ValueError, match=r'could not read checkpoint .*\(truncated or corrupted'):
             read_checkpoint(str(tmp_path / f))
-        with pytest.raises(Exception):   # timm's own loader refuses them too
-            _load('mz_poolformer_s12', tmp_path / f)
+        with pytest.raises(ValueError, match=r'could not read checkpoint .*\(truncated or corrupted') as e:
+            _load('mz_poolformer_s12', tmp_path / f)     # pretrained=True reads through the same safe reader
+        assert 'weights_only=False' not in str(e.value) and 'set to `False`' not in str(e.value)
     with pytest.raises(ValueError, match='refusing to load .*obj_zip.pth: it is not a plain state dict'):
         read_checkpoint(str(tmp_path / 'obj_zip.pth'))
     with pytest.raises(Exception, match='weights_only'):
         _load('mz_poolformer_s12', tmp_path / 'obj_zip.pth')
-    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
+    with pytest.raises(FileNotFoundError, match=r'checkpoint file not found: .*missing\.pth \(no such file; give'):
         read_checkpoint(str(tmp_path / 'missing.pth'))
+    with pytest.raises(FileNotFoundError, match=r'checkpoint file not found: .*missing\.pth \(no such file'):
+        _load('mz_poolformer_s12', tmp_path / 'missing.pth')
     assert set(read_checkpoint(str(s12_file))) == set(timm.create_model('mz_poolformer_s12').state_dict())

@@ -42,8 +42,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     from safetensors.torch import save_file
 
-    if args.model not in backbones.MODELS:
-        p.error(f'unknown model {args.model!r}; known: {", ".join(backbones.list_models())}')
+    try:
+        backbones.check_model_name(args.model)
+    except ValueError as e:
+        p.error(str(e))
     digest = sha256_file(args.checkpoint)
     expected, entry = (args.sha256, None) if args.sha256 else manifest_sha(args.model, args.checkpoint)
     if expected and expected.lower() != digest:
