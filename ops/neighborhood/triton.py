@@ -6,12 +6,15 @@ slot at a time, and the extra keys in tiles of BN with tl.dot; one online softma
 the (window + extra) logits never exist in memory. The relative-position bias is read through a
 flattened (2k-1)^2 index table; out-of-map slots are excluded by the validity table.
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import empty, triton_interpret
 from . import geometry as G
+from . import neighborhood_aggregate   # (this module is imported after the package, on the first call)
 
 
 @triton.jit
@@ -182,75 +185,124 @@ def _meta(D, Dv):
                 num_warps=1 if interp else 4)
 
 
-class _NeighborhoodAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, extra_k, extra_v, extra_bias, kernel, dilation, scale, border):
-        B, h, H, W, D = q.shape
-        Dv = v.shape[-1]
-        HW, K2 = H * W, kernel * kernel
-        idx, valid, reli, table = _tables(H, W, kernel, dilation, border, h, rpb, q.device, q.dtype)
-        qf, kf, vf = (t.reshape(B * h, HW, t.shape[-1]).contiguous() for t in (q, k, v))
-        dummy = qf.new_zeros(1)
-        P = extra_k.shape[2] if extra_k is not None else 0
-        ekf = extra_k.reshape(B * h, P, D).contiguous() if P else dummy
-        evf = extra_v.reshape(B * h, P, Dv).contiguous() if P else dummy
-        eb, seb_b, seb_h = _bias_view(extra_bias, HW, P) if extra_bias is not None else (dummy, 0, 0)
-        out = empty((B * h, HW, Dv), dtype=q.dtype, device=q.device)
-        lse = empty((B * h, HW), dtype=torch.float32, device=q.device)
-        meta = _meta(D, Dv)
-        grid = (triton.cdiv(HW, meta['BQ']), B * h)
-        _fwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse, HW, K2, P, D, Dv, h, scale,
-                   qf.stride(0), kf.stride(0), vf.stride(0), ekf.stride(0) if P else 0, evf.stride(0) if P else 0,
-                   seb_b, seb_h, out.stride(0), HAS_RPB=rpb is not None, HAS_EXTRA=P > 0,
-                   HAS_EB=extra_bias is not None, **meta)
-        ctx.save_for_backward(qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse)
-        ctx.args = (B, h, H, W, D, Dv, P, kernel, scale, seb_b, seb_h)
-        ctx.has = (rpb is not None, P > 0, extra_bias is not None)
-        ctx.shapes = (None if rpb is None else rpb.shape, None if extra_bias is None else extra_bias.shape)
-        return out.view(B, h, H, W, Dv)
+def _flat(B, h, HW, *ts):
+    """(B, heads, ...) tensors as contiguous (B * heads, HW | P, C) rows, as the kernels index them."""
+    return [t.reshape(B * h, -1, t.shape[-1]).contiguous() for t in ts]
 
-    @staticmethod
-    def backward(ctx, dout):
-        qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse = ctx.saved_tensors
-        B, h, H, W, D, Dv, P, kernel, scale, seb_b, seb_h = ctx.args
-        has_rpb, has_extra, has_eb = ctx.has
-        HW, K2, dev = H * W, kernel * kernel, qf.device
-        do = dout.reshape(B * h, HW, Dv).contiguous()
-        delta = (do.float() * out.float()).sum(-1).contiguous()
-        f32 = dict(dtype=torch.float32, device=dev)
-        dq = torch.empty((B * h, HW, D), **f32)
-        dk, dv = torch.zeros((B * h, HW, D), **f32), torch.zeros((B * h, HW, Dv), **f32)
-        dsw = torch.zeros((B * h, HW * K2), **f32) if has_rpb else dq.new_zeros(1)
-        dek = torch.zeros((B * h, P, D), **f32) if has_extra else dq.new_zeros(1)
-        dev_ = torch.zeros((B * h, P, Dv), **f32) if has_extra else dq.new_zeros(1)
-        need_deb = has_eb and ctx.needs_input_grad[6]
-        deb = torch.zeros((B * h, HW * P), **f32) if need_deb else dq.new_zeros(1)
-        meta = _meta(D, Dv)
-        grid = (triton.cdiv(HW, meta['BQ']), B * h)
-        _bwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, do, lse, delta, dq, dk, dv, dsw, dek, dev_, deb,
-                   HW, K2, P, D, Dv, h, scale, qf.stride(0), kf.stride(0), vf.stride(0),
-                   ekf.stride(0) if has_extra else 0, evf.stride(0) if has_extra else 0, seb_b, seb_h,
-                   HAS_RPB=has_rpb, HAS_EXTRA=has_extra, HAS_EB=has_eb, NEED_DEB=need_deb, **meta)
-        dt = qf.dtype
-        shape = (B, h, H, W)
-        grads = [dq.view(*shape, D).to(dt), dk.view(*shape, D).to(dt), dv.view(*shape, Dv).to(dt)]
-        drpb = None
-        if has_rpb:   # scatter the window logits' gradients onto the (2k-1)^2 offsets, summed over the batch
-            L2 = (2 * kernel - 1) ** 2
-            acc = torch.zeros((h, L2), **f32)
-            acc.index_add_(1, reli.view(-1).long(), dsw.view(B, h, HW * K2).sum(0))
-            drpb = acc.view(ctx.shapes[0]).to(dt)
-        dek_out = dek.view(B, h, P, D).to(dt) if has_extra else None
-        dev_out = dev_.view(B, h, P, Dv).to(dt) if has_extra else None
-        deb_out = None
-        if need_deb:
-            full = deb.view(B, h, H, W, P)
-            eb_shape = ctx.shapes[1]
-            deb_out = full.sum(dim=[i for i in (0, 1) if eb_shape[i] == 1], keepdim=True).to(dt)
-        return (*grads, drpb, dek_out, dev_out, deb_out, None, None, None, None)
+
+# The kernels are wrapped as torch custom ops (forward and backward), as the other ops' Triton kernels, so
+# torch.compile / export trace through them as single nodes. Absent optional tensors are given to the kernels
+# as a one-element dummy and returned from the backward as empty gradients.
+
+@torch.library.custom_op('mixzoo::neighborhood_attention_fwd', mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+            extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], extra_bias: Optional[torch.Tensor],
+            kernel: int, dilation: int, scale: float, border: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, heads, H, W, Dv), lse (B * heads, H * W) fp32."""
+    B, h, H, W, D = q.shape
+    Dv = v.shape[-1]
+    HW, K2 = H * W, kernel * kernel
+    idx, valid, reli, table = _tables(H, W, kernel, dilation, border, h, rpb, q.device, q.dtype)
+    qf, kf, vf = _flat(B, h, HW, q, k, v)
+    dummy = qf.new_zeros(1)
+    P = extra_k.shape[2] if extra_k is not None else 0
+    ekf, evf = _flat(B, h, HW, extra_k, extra_v) if P else (dummy, dummy)
+    eb, seb_b, seb_h = _bias_view(extra_bias, HW, P) if extra_bias is not None else (dummy, 0, 0)
+    out = empty((B * h, HW, Dv), dtype=q.dtype, device=q.device)
+    lse = empty((B * h, HW), dtype=torch.float32, device=q.device)
+    meta = _meta(D, Dv)
+    grid = (triton.cdiv(HW, meta['BQ']), B * h)
+    _fwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse, HW, K2, P, D, Dv, h, scale,
+               qf.stride(0), kf.stride(0), vf.stride(0), ekf.stride(0) if P else 0, evf.stride(0) if P else 0,
+               seb_b, seb_h, out.stride(0), HAS_RPB=rpb is not None, HAS_EXTRA=P > 0,
+               HAS_EB=extra_bias is not None, **meta)
+    return out.view(B, h, H, W, Dv), lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, rpb, extra_k, extra_v, extra_bias, kernel, dilation, scale, border):
+    B, h, H, W, _ = q.shape
+    return q.new_empty((B, h, H, W, v.shape[-1])), q.new_empty((B * h, H * W), dtype=torch.float32)
+
+
+@torch.library.custom_op('mixzoo::neighborhood_attention_bwd', mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+            extra_k: Optional[torch.Tensor], extra_v: Optional[torch.Tensor], extra_bias: Optional[torch.Tensor],
+            out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, kernel: int, dilation: int, scale: float,
+            border: str, bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, drpb, dextra_k, dextra_v, dextra_bias in the inputs' shapes and dtype (the optional ones
+    empty where the input is absent, or for the extra bias where ``bias_grad`` is False)."""
+    B, h, H, W, D = q.shape
+    Dv = v.shape[-1]
+    has_rpb, has_extra, has_eb = rpb is not None, extra_k is not None, extra_bias is not None
+    HW, K2, dev = H * W, kernel * kernel, q.device
+    idx, valid, reli, table = _tables(H, W, kernel, dilation, border, h, rpb, dev, q.dtype)
+    qf, kf, vf, do, of = _flat(B, h, HW, q, k, v, dout, out)
+    dummy = qf.new_zeros(1)
+    P = extra_k.shape[2] if has_extra else 0
+    ekf, evf = _flat(B, h, HW, extra_k, extra_v) if has_extra else (dummy, dummy)
+    eb, seb_b, seb_h = _bias_view(extra_bias, HW, P) if has_eb else (dummy, 0, 0)
+    delta = (do.float() * of.float()).sum(-1).contiguous()
+    f32 = dict(dtype=torch.float32, device=dev)
+    dq = torch.empty((B * h, HW, D), **f32)
+    dk, dv = torch.zeros((B * h, HW, D), **f32), torch.zeros((B * h, HW, Dv), **f32)
+    dsw = torch.zeros((B * h, HW * K2), **f32) if has_rpb else dq.new_zeros(1)
+    dek = torch.zeros((B * h, P, D), **f32) if has_extra else dq.new_zeros(1)
+    dev_ = torch.zeros((B * h, P, Dv), **f32) if has_extra else dq.new_zeros(1)
+    need_deb = has_eb and bias_grad
+    deb = torch.zeros((B * h, HW * P), **f32) if need_deb else dq.new_zeros(1)
+    meta = _meta(D, Dv)
+    grid = (triton.cdiv(HW, meta['BQ']), B * h)
+    _bwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, do, lse, delta, dq, dk, dv, dsw, dek, dev_, deb,
+               HW, K2, P, D, Dv, h, scale, qf.stride(0), kf.stride(0), vf.stride(0),
+               ekf.stride(0) if has_extra else 0, evf.stride(0) if has_extra else 0, seb_b, seb_h,
+               HAS_RPB=has_rpb, HAS_EXTRA=has_extra, HAS_EB=has_eb, NEED_DEB=need_deb, **meta)
+    dt = q.dtype
+    none = lambda: q.new_empty(0)   # noqa: E731  (a fresh one per output: custom op outputs may not alias)
+    shape = (B, h, H, W)
+    drpb = none()
+    if has_rpb:   # scatter the window logits' gradients onto the (2k-1)^2 offsets, summed over the batch
+        acc = torch.zeros((h, (2 * kernel - 1) ** 2), **f32)
+        acc.index_add_(1, reli.view(-1).long(), dsw.view(B, h, HW * K2).sum(0))
+        drpb = acc.view(rpb.shape).to(dt)
+    deb_out = none()
+    if need_deb:   # summed over the dimensions the bias broadcasts
+        full = deb.view(B, h, H, W, P)
+        deb_out = full.sum(dim=[i for i in (0, 1) if extra_bias.shape[i] == 1], keepdim=True).to(dt)
+    dek_out = dek.view(B, h, P, D).to(dt) if has_extra else none()
+    dev_out = dev_.view(B, h, P, Dv).to(dt) if has_extra else none()
+    return (dq.view(*shape, D).to(dt), dk.view(*shape, D).to(dt), dv.view(*shape, Dv).to(dt), drpb, dek_out, dev_out,
+            deb_out)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, rpb, extra_k, extra_v, extra_bias, out, lse, dout, kernel, dilation, scale, border, bias_grad):
+    like = lambda t: q.new_empty(0) if t is None else torch.empty_like(t)   # noqa: E731
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(rpb), like(extra_k), like(extra_v),
+            like(extra_bias if bias_grad else None))
+
+
+def _setup(ctx, inputs, output):
+    *tensors, kernel, dilation, scale, border = inputs
+    ctx.save_for_backward(*tensors, *output)
+    ctx.args = (kernel, dilation, scale, border)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, rpb, extra_k, extra_v, extra_bias, out, lse = ctx.saved_tensors
+    bias_grad = extra_bias is not None and ctx.needs_input_grad[6]
+    grads = _bwd_op(q, k, v, rpb, extra_k, extra_v, extra_bias, out, lse, dout, *ctx.args, bias_grad)
+    present = (True, True, True, rpb is not None, extra_k is not None, extra_v is not None, bias_grad)
+    return (*(g if p else None for g, p in zip(grads, present)), None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
-                           scale=None, border='mask'):
+                           scale=None, border='mask', window_weights=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _NeighborhoodAttention.apply(q, k, v, rpb, extra_k, extra_v, extra_bias, kernel, dilation, scale, border)
+    out, _ = _fwd_op(q, k, v, rpb, extra_k, extra_v, G.full_bias(extra_bias), kernel, dilation, scale, border)
+    # the kernels take no window weights: their term is the same sum over the window, added after
+    return out if window_weights is None else out + neighborhood_aggregate(window_weights, v, kernel, dilation, border)
