@@ -1,6 +1,6 @@
 """The zoo's token-mixer ops. One functional API per op; backends are picked by ``ops._dispatch``
 (``python -m ops info`` prints every op x backend and whether it can run here)."""
-from ._dispatch import BackendError, backends, forced_backend, select  # noqa: F401
+from ._dispatch import BackendError, backends, forced_backend, forcing, select  # noqa: F401
 from .halo import halo_attention  # noqa: F401
 from .linear import linear_attention  # noqa: F401
 from .neighborhood import neighborhood_aggregate, neighborhood_attention  # noqa: F401
@@ -9,4 +9,4 @@ from .window import window_attention  # noqa: F401
 
 __all__ = ['window_attention', 'halo_attention', 'neighborhood_attention', 'neighborhood_aggregate',
            'routing_topk', 'routed_attention', 'bilevel_routing_attention', 'linear_attention',
-           'BackendError', 'backends', 'select', 'forced_backend']
+           'BackendError', 'backends', 'select', 'forced_backend', 'forcing']

@@ -1,19 +1,22 @@
-"""``python -m ops info``: every op x backend, what it supports, and whether it can run here."""
+"""``python -m ops info``: every op x backend, what it supports, and whether it can run here; and the state of
+the oneDNN linear route (``ops._onednn``), the second switch of what a model runs."""
 import argparse
 import sys
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _onednn
 
 
-def info(out=sys.stdout) -> None:
+def info(out=None) -> None:
+    out = out or sys.stdout   # (looked up per call: a default bound at import would outlive a redirection)
     probes = [('cpu', torch.float32)]
     if torch.cuda.is_available():
         probes += [('cuda', torch.float16)]
     print(f'torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}; '
           f'TRITON_INTERPRET={int(_dispatch.triton_interpret())}; '
           f'MIXZOO_BACKEND={__import__("os").environ.get("MIXZOO_BACKEND", "") or "(unset)"}', file=out)
+    print(f'oneDNN linear (ops._onednn.linear): {_onednn.state()[1]}', file=out)
     for op in _dispatch.ops():
         print(f'\n[{op}]  priority: {" > ".join(b.name for b in _dispatch.backends(op))}', file=out)
         for b in _dispatch.backends(op):

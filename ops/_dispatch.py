@@ -5,22 +5,25 @@ described by a :class:`Call` (device, dtype, head dim, sizes, whether autograd i
 each backend answers with a list of *reasons* it cannot run that call (empty = it can).
 The dispatcher walks the op's priority list and returns the first backend with no reasons.
 
-Forcing a backend: ``backend='name'`` on the op call, or the environment variable
+Forcing a backend, strongest first: ``backend='name'`` on the op call (a model's ``backend=`` passes it to
+every op call of its mixers), a ``with forcing(...)`` block, or the environment variable
 ``MIXZOO_BACKEND`` = ``<op>:<name>[,<op>:<name>...]`` (a bare ``<name>`` applies to every op).
 A forced backend that cannot run raises :class:`BackendError` listing its reasons.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 
-__all__ = ['Call', 'Backend', 'BackendError', 'register', 'backends', 'ops', 'select', 'forced_backend', 'forcing',
-           'empty', 'poisoned_outputs']
+__all__ = ['Call', 'Backend', 'BackendError', 'FLOATS', 'register', 'register_op', 'triton_kernels', 'backends', 'ops',
+           'select', 'forced_backend', 'forcing', 'parse_spec', 'check_spec', 'empty', 'poisoned_outputs']
 
 
 class BackendError(RuntimeError):
@@ -49,6 +52,8 @@ def _fmt_dtypes(dtypes: Sequence[torch.dtype]) -> str:
     return '/'.join(str(d).replace('torch.', '') for d in dtypes)
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)   # what the kernels compute in (fp64: the oracle's)
+
 _DEFAULT_TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
                 torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 5e-2)}
 
@@ -67,7 +72,7 @@ class Backend:
     fn: Callable
     # 'meta' lets models be built and FLOP-counted without memory
     devices: Tuple[str, ...] = ('cpu', 'cuda', 'mps', 'xpu', 'meta')
-    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    dtypes: Tuple[torch.dtype, ...] = FLOATS + (torch.float64,)
     head_dims: Optional[Tuple[int, int]] = None      # inclusive (min, max)
     autograd: bool = True
     limits: Dict[str, int] = field(default_factory=dict)
@@ -133,6 +138,42 @@ def register(backend: Backend, priority: Optional[int] = None) -> Backend:
     return backend
 
 
+def register_op(op: str, **backends) -> None:
+    """Register the backends of ``op`` in priority order (keyword order; the keyword is the backend's name):
+    ``register_op('window', triton=triton_kernels(...), torch=eager.window_attention, reference=...)``.
+    A value is the backend's function, or a dict of :class:`Backend` fields (``fn`` and capabilities);
+    ``doc`` defaults to the function's docstring (a backend says what it is beside its code)."""
+    for name, fields in backends.items():
+        fields = dict(fields) if isinstance(fields, dict) else dict(fn=fields)
+        doc = fields.pop('doc', None) or ' '.join((fields['fn'].__doc__ or '').split())
+        if not doc:
+            raise ValueError(f'{op}: backend {name!r} needs a doc (a docstring on {fields["fn"]!r} or doc=)')
+        register(Backend(op, name, doc=doc, **fields))
+
+
+def imported_on_call(module: str, name: str) -> Callable:
+    """``module.name``, imported at the first call: for backends whose dependency is optional (triton)."""
+    found = []
+
+    def fn(*args, **kwargs):
+        if not found:
+            found.append(getattr(importlib.import_module(module), name))
+        return found[0](*args, **kwargs)
+    fn.__qualname__ = fn.__name__ = f'{module}.{name}'
+    return fn
+
+
+def triton_kernels(package: str, fn: str, *, validated: bool, doc: str, **fields) -> dict:
+    """The fields of an op's Triton backend: ``<package>.triton.<fn>``, imported on first call; CUDA,
+    and CPU under ``TRITON_INTERPRET=1`` when forced (the tests); fp32/fp16/bf16 unless ``dtypes`` says
+    otherwise. Picked automatically on CUDA only once ``validated`` (run on a GPU), else only when forced."""
+    when = ('CPU only under TRITON_INTERPRET=1 and when forced (tests)' if validated else
+            'only when forced (not yet validated on a GPU; CPU under TRITON_INTERPRET=1)')
+    return dict(fn=imported_on_call(f'{package}.triton', fn), devices=('cuda', 'cpu'),
+                auto_devices=('cuda',) if validated else (), dtypes=fields.pop('dtypes', FLOATS),
+                available=triton_unavailable, check=triton_interpreter_limits, doc=f'{doc}; {when}', **fields)
+
+
 def ops() -> List[str]:
     return sorted(_REGISTRY)
 
@@ -144,41 +185,82 @@ def backends(op: str) -> List[Backend]:
     return [_REGISTRY[op][n] for n in _PRIORITY[op]]
 
 
-_SCOPED: Dict[str, str] = {}
+Spec = Tuple[Optional[str], Dict[str, str]]   # (a name for every op, {op: name}); per-op names win
+
+
+def parse_spec(spec: str) -> Spec:
+    """``'<name>'``, ``'<op>:<name>[,<op>:<name>...]'`` or both mixed (``MIXZOO_BACKEND``'s syntax)."""
+    every, per_op = None, {}
+    for item in (s.strip() for s in spec.split(',')):
+        if ':' in item:
+            op, name = (s.strip() for s in item.split(':', 1))
+            per_op[op] = name
+        elif item and every is None:
+            every = item
+    return every, per_op
+
+
+def check_spec(every: Optional[str], per_op: Dict[str, str], source: str,
+               ops_used: Optional[Sequence[str]] = None) -> None:
+    """Raise :class:`BackendError` naming the valid choices for an unknown op or backend name. With
+    ``ops_used`` (a model's ops) the ops named must be among them and a name for every op must be a
+    backend of each; without, a name for every op must be a backend of some op."""
+    scope = list(ops_used) if ops_used is not None else ops()
+    for op, name in per_op.items():
+        if op not in scope:
+            what = 'the model calls only' if ops_used is not None else 'known ops:'
+            raise BackendError(f'{source}: unknown op {op!r}; {what} {", ".join(scope)}')
+        if name not in _REGISTRY[op]:
+            raise BackendError(f'{source}: unknown backend {name!r} for op {op!r}; '
+                               f'known: {", ".join(_PRIORITY[op])}')
+    if every is None:
+        return
+    lacking = [op for op in scope if op not in per_op and every not in _REGISTRY[op]]
+    if ops_used is not None and lacking:
+        raise BackendError(f'{source}: {every!r} is not a backend of ' + '; '.join(
+            f'op {op!r} (known: {", ".join(_PRIORITY[op])})' for op in lacking) +
+            (". Name it per op ('<op>:<name>,...')" if len(lacking) < len(scope) else ''))
+    if ops_used is None and len(lacking) == len(scope):
+        known = sorted({n for table in _REGISTRY.values() for n in table})
+        raise BackendError(f'{source}: unknown backend {every!r}; known: {", ".join(known)} '
+                           "(or '<op>:<name>' for one op)")
+
+
+# the backends forced by the enclosing ``forcing`` blocks of this thread / task
+_SCOPED: ContextVar[Spec] = ContextVar('mixzoo_forcing', default=(None, {}))
 
 
 @contextmanager
-def forcing(**op_backends: str):
-    """Force backends inside a ``with`` block, e.g. ``forcing(halo='reference')`` (over
-    ``MIXZOO_BACKEND``). The counters use it to count the op as defined, not a shortcut of a fast path."""
-    saved = dict(_SCOPED)
-    _SCOPED.update(op_backends)
+def forcing(spec: Optional[str] = None, /, **op_backends: str):
+    """Force backends inside a ``with`` block: ``forcing('reference')`` for every op, ``forcing(halo='reference')``
+    for one, ``forcing('window:reference,halo:torch')`` in ``MIXZOO_BACKEND``'s syntax, or a mix (per-op names
+    win). It wins over ``MIXZOO_BACKEND``; a ``backend=`` argument of an op call (or a model's ``backend=``)
+    wins over it. A nested block adds to the enclosing one (a name for every op replaces it). Names are
+    checked on entry; the state is a contextvar, so other threads and tasks are not affected. The counters
+    use it to count an op as defined, not a shortcut of a fast path."""
+    every, per_op = parse_spec(spec) if spec else (None, {})
+    per_op.update(op_backends)
+    check_spec(every, per_op, 'forcing')
+    outer_every, outer = _SCOPED.get()
+    token = _SCOPED.set((every, per_op) if every is not None else (outer_every, {**outer, **per_op}))
     try:
         yield
     finally:
-        _SCOPED.clear()
-        _SCOPED.update(saved)
+        _SCOPED.reset(token)
+
+
+def _forced(op: str) -> Tuple[Optional[str], str]:
+    """(backend, where it comes from) that ``forcing`` or ``MIXZOO_BACKEND`` forces for ``op``."""
+    every, per_op = _SCOPED.get()
+    if op in per_op or every is not None:
+        return per_op.get(op, every), 'forcing'
+    every, per_op = parse_spec(os.environ.get('MIXZOO_BACKEND', ''))
+    return per_op.get(op, every), 'MIXZOO_BACKEND='
 
 
 def forced_backend(op: str) -> Optional[str]:
     """The backend ``forcing`` or ``MIXZOO_BACKEND`` forces for ``op`` (None if none is forced)."""
-    if op in _SCOPED:
-        return _SCOPED[op]
-    spec = os.environ.get('MIXZOO_BACKEND', '').strip()
-    if not spec:
-        return None
-    chosen = None
-    for item in spec.split(','):
-        item = item.strip()
-        if not item:
-            continue
-        if ':' in item:
-            o, name = (s.strip() for s in item.split(':', 1))
-            if o == op:
-                chosen = name
-        elif chosen is None:
-            chosen = item
-    return chosen
+    return _forced(op)[0]
 
 
 def select(op: str, call: Call, backend: Optional[str] = None) -> Backend:
@@ -186,8 +268,7 @@ def select(op: str, call: Call, backend: Optional[str] = None) -> Backend:
     table = {b.name: b for b in backends(op)}
     source = 'backend='
     if backend is None:
-        backend = forced_backend(op)
-        source = 'MIXZOO_BACKEND='
+        backend, source = _forced(op)
     if backend is not None:
         if backend not in table:
             raise BackendError(f'{op}: unknown backend {backend!r} (from {source}); '

@@ -2,14 +2,16 @@
 projections)."""
 import os
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import tracing
 
-_ONEDNN_LINEAR = os.environ.get('MIXZOO_ONEDNN_LINEAR', '1') != '0'
+ENV = 'MIXZOO_ONEDNN_LINEAR'
+_ENV_VALUE = os.environ.get(ENV)                # read once, at import
+_ONEDNN_LINEAR = _ENV_VALUE != '0'              # the switch (``disabled()`` turns it off for a block)
 
 
 @contextmanager
@@ -23,6 +25,30 @@ def disabled():
         _ONEDNN_LINEAR = saved
 
 
+def _off_reason() -> Optional[str]:
+    """Why the route is off for every call on this machine and in this state (None: it is on)."""
+    if not _ONEDNN_LINEAR:
+        return (f'{ENV}=0 (read at import)' if _ENV_VALUE == '0' else
+                'switched off in this process (inside ops._onednn.disabled(), as the FLOP counters do)')
+    if not torch.backends.mkldnn.is_available():
+        return 'this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)'
+    if not torch.backends.mkldnn.enabled:
+        return 'torch.backends.mkldnn.enabled is False'
+    return None
+
+
+def state() -> Tuple[bool, str]:
+    """(on, why) of the oneDNN linear route, for ``python -m ops info``."""
+    env = f'{ENV}={_ENV_VALUE}' if _ENV_VALUE is not None else f'{ENV} unset (default on)'
+    why = _off_reason()
+    if why:
+        return False, f'off: {why}; {env}'
+    return True, (f'on: {env}; fp32 CPU inference linears (every zoo model\'s nn.Linear, via '
+                  'backbones.layers.use_onednn_linears, and the ops\' projections) of more than '
+                  'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; autograd, GPU, other '
+                  f'dtypes, autocast and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
+
+
 def _autocast_cpu() -> bool:
     return torch.is_autocast_enabled('cpu')
 
@@ -30,13 +56,13 @@ def _autocast_cpu() -> bool:
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if tracing():
         return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
-    if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and _ONEDNN_LINEAR):
+    if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
     if x.numel() <= max(20480, 64 * x.shape[-1]):
         return False   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _autocast_cpu()
+    return _off_reason() is None and not _autocast_cpu()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -36,8 +36,7 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
 
 
 def test_torch_backend_across_tiles(monkeypatch):
-    import sys
-    nb_torch = sys.modules['ops.neighborhood.torch']     # (the package's `torch` name is torch itself)
+    from ops.neighborhood import eager as nb_torch
     q, k, v = (torch.randn(1, 2, 9, 7, 8, dtype=torch.float64) for _ in range(3))
     rpb = torch.randn(2, 5, 5, dtype=torch.float64)
     want = neighborhood_attention(q, k, v, 3, rpb=rpb, backend='reference')
@@ -79,9 +78,8 @@ def test_aggregate_is_the_value_sum_of_the_windows(border, dilation):
 def test_grid_bias_equals_its_tensor(backend, grad, monkeypatch):
     """A GridBias gives the same outputs and table gradients as the bias tensor it stands for, also when
     the torch backend splits the queries into several tiles."""
-    import sys
-    from ops.neighborhood import GridBias
-    monkeypatch.setattr(sys.modules['ops.neighborhood.torch'], 'TILE_TOKENS', 14)   # 5 x 7 map: 5 tiles of a row
+    from ops.neighborhood import GridBias, eager
+    monkeypatch.setattr(eager, 'TILE_TOKENS', 14)   # 5 x 7 map: 5 tiles of a row
     B, h, H, W, D, ph, pw = 2, 2, 5, 7, 8, 2, 3
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, h, H, W, D, generator=g, dtype=torch.float64) for _ in range(3))

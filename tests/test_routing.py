@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ops import bilevel_routing_attention, routed_attention, routing_topk
-from ops.routing import blocked, from_regions, region_size, to_regions
+from ops.routing import eager, from_regions, region_size, to_regions
 
 
 def _qkv(B=2, h=2, R=6, T=5, D=8, Tk=None, Dv=None, dtype=torch.float64, seed=0, grad=False):
@@ -89,8 +89,8 @@ def test_bilevel_is_routing_then_attention(backend):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 def test_torch_backend_matmul_path(monkeypatch, dtype):
     """The path the torch backend takes off CPU (and for Dv != D): matmuls + softmax, several blocks per image."""
-    monkeypatch.setattr(blocked, '_flash_ok', lambda *a: False)
-    monkeypatch.setattr(blocked, '_LOGITS_BUDGET', 2 * 5 * 15 * 2)    # two query regions per block
+    monkeypatch.setattr(eager, '_flash_ok', lambda *a: False)
+    monkeypatch.setattr(eager, '_LOGITS_BUDGET', 2 * 5 * 15 * 2)    # two query regions per block
     q, k, v = _qkv(R=5, dtype=dtype, grad=True)
     idx = torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(2)).argsort(-1)[..., :3]
     idx[0, 1] = torch.tensor([4, 4, 0])                                   # duplicates
@@ -156,10 +156,10 @@ def test_clear_errors():
 
 
 def test_torch_backend_flash_path_in_several_blocks(monkeypatch):
-    monkeypatch.setattr(blocked, '_GATHER_BUDGET', 2 * 3 * 5 * 16 * 2)   # two query regions per block
+    monkeypatch.setattr(eager, '_GATHER_BUDGET', 2 * 3 * 5 * 16 * 2)   # two query regions per block
     q, k, v = _qkv(R=7, dtype=torch.float32, grad=True)
     idx = torch.rand(2, 7, 7, generator=torch.Generator().manual_seed(4)).argsort(-1)[..., :3]
-    assert len(blocked._blocks(q, k, v, idx, True)) == 8
+    assert len(eager._blocks(q, k, v, idx, True)) == 8
     out = routed_attention(q, k, v, idx, 0.3, backend='torch')
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = routed_attention(qd, kd, vd, idx, 0.3, backend='reference')

@@ -16,40 +16,23 @@ border  'zero_pad': keys outside the map are zero vectors and take part in the s
 Any H, W: maps are padded to a block multiple internally and the output cropped.
 Returns (B, heads, Dv, Hq, Wq).
 """
-import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
-from . import cpu as _cpu
-from . import reference as _reference
+import torch
+
+from .._dispatch import Call, register_op, select, triton_kernels
+from . import cpu, eager, reference
 from .geometry import BORDERS
 
-_torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
-import torch  # noqa: E402
-
 __all__ = ['halo_attention']
+
 OP = 'halo'
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_fn(*args):
-    from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.halo_attention(*args)
-
-
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',), dtypes=_FLOATS,
-                 head_dims=(1, 128), limits={'window_area': 1024}, available=triton_unavailable,
-                 check=triton_interpreter_limits,
-                 doc='fused forward + backward reading the halo window from the map (no unfolded K/V); '
-                     'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
-register(Backend(OP, 'cpu', _cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
-                 available=_cpu.unavailable,
-                 doc='fused C kernel (compiled on first use, cached): window gather, q.k with the relative '
-                     'logits in one product, softmax, values; CPU fp32 inference'))
-register(Backend(OP, 'torch', _torch.halo_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='batched matmuls over the in-map keys of each window; zero border keys as one closed-form logit'))
-register(Backend(OP, 'reference', _reference.halo_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='unfold + explicit softmax (oracle)'))
+register_op(OP, triton=triton_kernels(__name__, 'halo_attention', validated=True, head_dims=(1, 128),
+                                      limits={'window_area': 1024}, doc='fused forward + backward reading the '
+                                      'halo window from the map (no unfolded K/V)'),
+            cpu=dict(fn=cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
+                     available=cpu.unavailable),
+            torch=eager.halo_attention, reference=reference.halo_attention)
 
 
 def _validate(q, k, v, block, halo, rel_h, rel_w, border):

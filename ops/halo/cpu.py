@@ -48,6 +48,8 @@ def _strides(t: torch.Tensor):
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad', lib=None):
+    """Fused C kernel (compiled on first use, cached): window gather, q.k with the relative
+    logits in one product, softmax, values; CPU fp32 inference."""
     lib = lib or library()
     tensors = (q, k, v) + ((rel_h, rel_w) if rel_h is not None else ())
     if any(t.dtype != torch.float32 or t.device.type != 'cpu' for t in tensors):

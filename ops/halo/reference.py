@@ -5,6 +5,7 @@ from . import geometry as G
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad'):
+    """Unfold + explicit softmax (oracle)."""
     stride, bq, win, nbh, nbw, Hp, Wp = G.dims(q, k, block, halo)
     H, W = k.shape[-2:]
     scale = q.shape[2] ** -0.5 if scale is None else scale

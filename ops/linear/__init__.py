@@ -22,32 +22,16 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
-from . import fused as _fused
-from . import reference as _reference
+from .._dispatch import Call, register_op, select, triton_kernels
+from . import eager, reference
 
 __all__ = ['linear_attention']
 
 OP = 'linear'
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_fn(*args):
-    from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.linear_attention(*args)
-
-
-# not yet run on a GPU (none lent so far): used only when forced, until validated there (then auto_devices=('cuda',))
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS,
-                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
-                 doc='K^T V and the key sum in one pass (token chunks added with atomics), then the output '
-                     'pass; fused backward; fp32 accumulation; only when forced (not yet validated on a GPU; '
-                     'CPU under TRITON_INTERPRET=1)'))
-register(Backend(OP, 'torch', _fused.linear_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='two batched matmuls: the (D, Dv + 1) state [t K^T V | sum k], then queries x state '
-                     '(numerator and normaliser in one product)'))
-register(Backend(OP, 'reference', _reference.linear_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='explicit (N x N) similarities, row sums, clamp (oracle; O(N^2) memory)'))
+register_op(OP, triton=triton_kernels(__name__, 'linear_attention', validated=False, head_dims=(1, 128),
+                                      doc='K^T V and the key sum in one pass (token chunks added with atomics), '
+                                          'then the output pass; fused backward; fp32 accumulation'),
+            torch=eager.linear_attention, reference=reference.linear_attention)
 
 
 def _validate(q, k, v, temperature, clamp_min):

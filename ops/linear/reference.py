@@ -8,6 +8,7 @@ import torch
 
 
 def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_min: float = 100.) -> torch.Tensor:
+    """Explicit (N x N) similarities, row sums, clamp (oracle; O(N^2) memory)."""
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()

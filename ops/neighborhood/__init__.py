@@ -19,38 +19,21 @@ border  'mask': window centred, out-of-map keys excluded (TransNeXt); 'shift': w
         inward to stay k x k (NATTEN / NAT). Maps smaller than the window work under both.
 Returns (B, heads, H, W, Dv).
 """
-import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
-from . import reference as _reference
-from .geometry import BORDERS, GridBias, full_bias
+import torch
 
-_torch = importlib.import_module(f'{__name__}.torch')   # the ops contract names it torch.py
-import torch  # noqa: E402
+from .._dispatch import Call, register_op, select, triton_kernels
+from . import eager, reference
+from .geometry import BORDERS, GridBias
 
 __all__ = ['neighborhood_attention', 'neighborhood_aggregate', 'GridBias']
+
 OP = 'neighborhood'
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _triton_fn(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, scale, border, window_weights=None):
-    from . import triton as _triton   # imported lazily: triton is optional
-    out = _triton.neighborhood_attention(q, k, v, kernel, dilation, rpb, extra_k, extra_v, full_bias(extra_bias),
-                                         scale, border)
-    # (the kernels take no window weights: their term is the same sum over the window, added after)
-    return out if window_weights is None else out + neighborhood_aggregate(window_weights, v, kernel, dilation, border)
-
-
-# not yet run on a GPU (none lent so far): used only when forced, until validated there
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS[:3],
-                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
-                 doc='fused forward + backward (window slots read in place + extra-key tiles, one online softmax; '
-                     'atomics for dK/dV); only when forced (not yet validated on a GPU; CPU under TRITON_INTERPRET=1)'))
-register(Backend(OP, 'torch', _torch.neighborhood_attention, dtypes=_FLOATS,
-                 doc='query-row tiles: gathered windows + extra keys, one softmax, batched matmuls'))
-register(Backend(OP, 'reference', _reference.neighborhood_attention, dtypes=_FLOATS,
-                 doc='gathered windows + explicit softmax (oracle)'))
+register_op(OP, triton=triton_kernels(__name__, 'neighborhood_attention', validated=False, head_dims=(1, 128),
+                                      doc='fused forward + backward (window slots read in place + extra-key '
+                                          'tiles, one online softmax; atomics for dK/dV)'),
+            torch=eager.neighborhood_attention, reference=reference.neighborhood_attention)
 
 
 def _validate(q, k, v, kernel, dilation, rpb, extra_k, extra_v, extra_bias, border, window_weights=None):

@@ -7,6 +7,7 @@ from . import geometry as G
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask', window_weights=None):
+    """Gathered windows + explicit softmax (oracle)."""
     B, h, H, W, D = q.shape
     extra_bias = G.full_bias(extra_bias)
     scale = D ** -0.5 if scale is None else scale

@@ -36,36 +36,21 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._dispatch import Backend, Call, register, select, tracing, triton_interpreter_limits, triton_unavailable
+from .._dispatch import Call, register_op, select, tracing, triton_kernels
 from ..window.partition import pad_map, padded_size, partition, unpartition
-from . import blocked as _blocked
-from . import reference as _reference
+from . import eager, reference
 
 __all__ = ['routing_topk', 'routed_attention', 'bilevel_routing_attention', 'to_regions', 'from_regions',
            'region_size']
 
 OP = 'routing'
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 Grid = Union[int, Tuple[int, int]]
 
-
-def _triton_fn(*args):
-    from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.routed_attention(*args)
-
-
-# not yet run on a GPU (none lent so far): used only when forced, until validated there (then auto_devices=('cuda',))
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=(), dtypes=_FLOATS,
-                 head_dims=(1, 128), available=triton_unavailable, check=triton_interpreter_limits,
-                 doc='fused forward + backward reading the routed regions\' K/V in place (no gather), online '
-                     'softmax in fp32, dK/dV over the inverse routing (no atomics); only when forced (not yet '
-                     'validated on a GPU; CPU under TRITON_INTERPRET=1)'))
-register(Backend(OP, 'torch', _blocked.routed_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='blocks of query regions, each gathering only its routed K/V (bounded copy, never topk-fold '
-                     'of the whole); fused flash-attention kernel per block on CPU (D == Dv), matmuls + softmax '
-                     'elsewhere; backward recomputes from the log-sum-exp'))
-register(Backend(OP, 'reference', _reference.routed_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='gathers the topk routed regions\' keys / values (a topk-fold copy), explicit softmax (oracle)'))
+register_op(OP, triton=triton_kernels(__name__, 'routed_attention', validated=False, head_dims=(1, 128),
+                                      doc="fused forward + backward reading the routed regions' K/V in place (no "
+                                          'gather), online softmax in fp32, dK/dV over the inverse routing (no '
+                                          'atomics)'),
+            torch=eager.routed_attention, reference=reference.routed_attention)
 
 
 # ---- maps <-> regions ---------------------------------------------------------------------------

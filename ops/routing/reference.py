@@ -15,6 +15,7 @@ def gather_regions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def routed_attention(q, k, v, idx, scale: Optional[float] = None) -> torch.Tensor:
+    """Gathers the topk routed regions' keys / values (a topk-fold copy), explicit softmax (oracle)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kg, vg = gather_regions(k, idx), gather_regions(v, idx)
     s = torch.matmul(q * scale, kg.transpose(-2, -1))          # (B, heads, R, T, topk * Tk)

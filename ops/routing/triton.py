@@ -17,14 +17,11 @@ import triton
 import triton.language as tl
 
 from .._dispatch import empty, triton_interpret
+from .._triton import autotune_configs
 
 
-def _configs():
-    # the interpreter (CPU tests) cannot autotune over several configs; one is enough there
-    if triton_interpret():
-        return [triton.Config({'BLOCK_M': 16, 'BLOCK_N': 16}, num_warps=1)]
-    return [triton.Config({'BLOCK_M': bm, 'BLOCK_N': bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 32, 2, 2))]
+# autotune candidates on a GPU: (BLOCK_M, BLOCK_N, warps, stages)
+_TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 32, 2, 2))
 
 
 @triton.jit
@@ -40,7 +37,7 @@ def _put(P, val, base, offs_r, offs_d, n_rows, n_cols, sr, sd):
     tl.store(P + base + offs_r[:, None] * sr + offs_d[None, :] * sd, val.to(P.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=['T', 'Tk', 'BLOCK_D', 'BLOCK_DV'])
+@triton.autotune(configs=autotune_configs(_TILES), key=['T', 'Tk', 'BLOCK_D', 'BLOCK_DV'])
 @triton.jit
 def _fwd(Q, K, V, Idx, O, LSE,
          sqb, sqh, sqr, sqt, sqd, skb, skh, skr, skt, skd, svb, svh, svr, svt, svd,

@@ -13,39 +13,22 @@ Returns   (B', heads, N, D) in q's dtype (may be a non-contiguous view).
 Block and grid partitions (MaxViT), and padding to a window multiple, are layouts of the map:
 see :mod:`ops.window.partition`.
 """
-import importlib
 from typing import Optional
 
-from .._dispatch import Backend, Call, register, select, triton_interpreter_limits, triton_unavailable
-from . import reference as _reference
+import torch
+
+from .._dispatch import Call, register_op, select, triton_kernels
+from . import eager, reference
 from .partition import pad_map, padded_size, padding_key_mask, partition, relative_position_index, unpartition
 
 __all__ = ['window_attention', 'partition', 'unpartition', 'pad_map', 'padded_size', 'padding_key_mask',
            'relative_position_index']
 
-# the backend file is named torch.py (the ops contract); importing it rebinds this package's
-# attribute `torch`, so it is loaded by path and the real torch imported after it
-_torch = importlib.import_module(f'{__name__}.torch')
-import torch  # noqa: E402
-
 OP = 'window'
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_fn(*args):
-    from . import triton as _triton   # imported lazily: triton is optional
-    return _triton.window_attention(*args)
-
-
-register(Backend(OP, 'triton', _triton_fn, devices=('cuda', 'cpu'), auto_devices=('cuda',),
-                 dtypes=_FLOATS, head_dims=(1, 256), limits={'window_area': 4096},
-                 available=triton_unavailable, check=triton_interpreter_limits,
-                 doc='fused forward + backward, online softmax, bias/mask read in place; '
-                     'CPU only under TRITON_INTERPRET=1 and when forced (tests)'))
-register(Backend(OP, 'torch', _torch.window_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='torch SDPA with one broadcast additive mask'))
-register(Backend(OP, 'reference', _reference.window_attention, dtypes=_FLOATS + (torch.float64,),
-                 doc='explicit scores / softmax (oracle)'))
+register_op(OP, triton=triton_kernels(__name__, 'window_attention', validated=True, head_dims=(1, 256),
+                                      limits={'window_area': 4096},
+                                      doc='fused forward + backward, online softmax, bias/mask read in place'),
+            torch=eager.window_attention, reference=reference.window_attention)
 
 
 def _validate(q, k, v, bias, key_mask):

@@ -6,6 +6,7 @@ import torch
 
 def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
+    """Explicit scores / softmax (oracle)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q * scale, k.transpose(-2, -1))            # (B', heads, N, N)
     if bias is not None:

@@ -12,14 +12,11 @@ import triton
 import triton.language as tl
 
 from .._dispatch import empty, triton_interpret
+from .._triton import autotune_configs
 
 
-def _configs():
-    # the interpreter (CPU tests) cannot autotune over several configs; one is enough there
-    if triton_interpret():
-        return [triton.Config({'BLOCK_M': 16, 'BLOCK_N': 16}, num_warps=1)]
-    return [triton.Config({'BLOCK_M': bm, 'BLOCK_N': bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 64, 2, 2))]
+# autotune candidates on a GPU: (BLOCK_M, BLOCK_N, warps, stages)
+_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 64, 2, 2))
 
 
 @triton.jit
@@ -66,7 +63,7 @@ def _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
     return s, k
 
 
-@triton.autotune(configs=_configs(), key=['N', 'BLOCK_D', 'HAS_BIAS', 'HAS_MASK'])
+@triton.autotune(configs=autotune_configs(_TILES), key=['N', 'BLOCK_D', 'HAS_BIAS', 'HAS_MASK'])
 @triton.jit
 def _fwd(Q, K, V, Bias, KMask, O, LSE,
          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,

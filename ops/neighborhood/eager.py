@@ -17,6 +17,7 @@ TILE_TOKENS = 4096     # queries per tile
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask', window_weights=None):
+    """Query-row tiles: gathered windows + extra keys, one softmax, batched matmuls."""
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
     K2 = kernel * kernel

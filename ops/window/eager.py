@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
+    """torch SDPA with one broadcast additive mask."""
     Bp, H, N, _ = q.shape
     mask = None if bias is None else bias.to(q.dtype)
     if key_mask is not None:

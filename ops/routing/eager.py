@@ -130,5 +130,8 @@ class _RoutedAttention(torch.autograd.Function):
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                      scale: Optional[float] = None) -> torch.Tensor:
+    """Blocks of query regions, each gathering only its routed K/V (bounded copy, never a
+    topk-fold copy of the whole); fused flash-attention kernel per block on CPU (D == Dv), matmuls + softmax
+    elsewhere; backward recomputes from the log-sum-exp."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _RoutedAttention.apply(q, k, v, idx, scale)

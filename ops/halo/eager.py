@@ -107,6 +107,8 @@ def _half(t: torch.Tensor) -> bool:
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad'):
+    """Batched matmuls over the in-map keys of each window; zero border keys as one closed-form
+    logit."""
     _, bq, win, nbh, nbw, _, _ = G.dims(q, k, block, halo)
     B, h, D, H, W = k.shape
     Dv, Hq, Wq = v.shape[2], q.shape[-2], q.shape[-1]

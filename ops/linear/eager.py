@@ -15,6 +15,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_min: float = 100.) -> torch.Tensor:
+    """Two batched matmuls: the (D, Dv + 1) state [t K^T V | sum k], then queries x state
+    (numerator and normaliser in one product)."""
     dtype = q.dtype
     if dtype in _HALF:
         q, k, v = q.float(), k.float(), v.float()
