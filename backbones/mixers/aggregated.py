@@ -18,7 +18,7 @@ x the length scale; keys are l2-normalised (q . k are then cosine similarities).
 """
 import math
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,8 @@ from timm.layers import trunc_normal_
 from ops import neighborhood_attention
 from ops.neighborhood import GridBias
 from ops.neighborhood.geometry import windows as window_geometry
+
+from .base import OpMixer
 
 
 _CPB_ROWS = 16384     # coordinates per block of the position-bias MLP (32 MB of hidden activations)
@@ -101,7 +103,9 @@ class _CosineQueryMixin(nn.Module):
         return GridBias(bias.t().reshape(self.num_heads, -1, uw), ih, iw)
 
 
-class AggregatedAttention(_CosineQueryMixin):
+class AggregatedAttention(_CosineQueryMixin, OpMixer):
+    op = 'neighborhood'
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, window_size: int = 3, qkv_bias: bool = True,
                  pretrain_hw: Tuple[int, int] = (56, 56), attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__()
@@ -127,7 +131,7 @@ class AggregatedAttention(_CosineQueryMixin):
         r = k // 2
         return F.pad(self.relative_pos_bias_local.view(h, k, k), (r, r, r, r))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         B, H, W, C = x.shape
         h, D, k = self.num_heads, self.head_dim, self.window_size
         qn = F.normalize(self.q(x).view(B, H, W, h, D), dim=-1).permute(0, 3, 1, 2, 4)      # (B, h, H, W, D)
@@ -151,7 +155,7 @@ class AggregatedAttention(_CosineQueryMixin):
             self._scaled_query(qn, scale).to(dt), k_loc.to(dt), v_loc, k, rpb=self._local_bias_table().to(dt),
             extra_k=k_pool.to(dt), extra_v=v_pool.to(dt),
             extra_bias=self._position_bias(H, W, ph, pw, x).to(dt), scale=1.0, border='mask',
-            window_weights=tokens.to(dt))
+            window_weights=tokens.to(dt), backend=self.op_backend(backend))
         return self.proj_drop(self.proj(o.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
 
 

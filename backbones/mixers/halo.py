@@ -7,6 +7,8 @@ from timm.layers import make_divisible, trunc_normal_
 
 from ops.halo import halo_attention
 
+from .base import OpMixer
+
 
 class RelPosEmbed(nn.Module):
     """(2 * win - 1, dim_head) height and width relative embeddings."""
@@ -19,9 +21,10 @@ class RelPosEmbed(nn.Module):
         trunc_normal_(self.width_rel, std=scale)
 
 
-class HaloAttention(nn.Module):
+class HaloAttention(OpMixer):
     """1x1 q (strided when the block downsamples) and kv projections, halo attention, optional 2x2
     average pool. ``border``: 'zero_pad' (timm / paper: zero keys outside the map take part) or 'mask'."""
+    op = 'halo'
 
     def __init__(self, dim: int, dim_out: Optional[int] = None, stride: int = 1, num_heads: int = 8,
                  dim_head: Optional[int] = None, block_size: int = 8, halo_size: int = 3, qk_ratio: float = 1.,
@@ -53,5 +56,6 @@ class HaloAttention(nn.Module):
         kv = self.kv(x)
         kv = kv.view(B, h, dqk + self.dim_head_v, *kv.shape[-2:])   # per head [k | v] channels
         o = halo_attention(q, kv[:, :, :dqk], kv[:, :, dqk:], self.block_size, self.halo_size,
-                           self.pos_embed.height_rel, self.pos_embed.width_rel, self.scale, self.border, backend)
+                           self.pos_embed.height_rel, self.pos_embed.width_rel, self.scale, self.border,
+                           self.op_backend(backend))
         return self.pool(o.reshape(B, h * self.dim_head_v, *o.shape[-2:]))

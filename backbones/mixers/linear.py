@@ -8,8 +8,12 @@ import torch.nn as nn
 
 from ops.linear import linear_attention
 
+from .base import OpMixer
 
-class LinearAttention(nn.Module):
+
+class LinearAttention(OpMixer):
+    op = 'linear'
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, clamp_min: float = 100.,
                  proj_drop: float = 0.):
         super().__init__()
@@ -29,5 +33,5 @@ class LinearAttention(nn.Module):
         qkv = self.qkv(x)
         qkv[..., :2 * C].relu_()      # the feature map on q and k, in place (the projection's output is ours)
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = linear_attention(q, k, v, self.temperature, self.clamp_min, backend=backend)
+        o = linear_attention(q, k, v, self.temperature, self.clamp_min, backend=self.op_backend(backend))
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, C)))

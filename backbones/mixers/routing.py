@@ -25,12 +25,15 @@ import torch.nn as nn
 from ops.routing import bilevel_routing_attention, from_regions, to_regions
 from ops.window import padded_size, window_attention
 
+from .base import OpMixer
+
 __all__ = ['BiLevelRoutingAttention', 'GlobalAttentionLePE']
 
 
-class BiLevelRoutingAttention(nn.Module):
+class BiLevelRoutingAttention(OpMixer):
     """qkv (one Linear, dim -> [q (qk_dim) | k (qk_dim) | v (dim)]) -> routed attention in regions ->
     + LePE(v) -> proj. Official keys: ``qkv.qkv`` (here ``qkv``), ``lepe``, ``wo`` (here ``proj``)."""
+    op = 'routing'
 
     def __init__(self, dim: int, num_heads: int, n_win: int = 7, qk_dim: Optional[int] = None, topk: int = 4,
                  side_dwconv: int = 5, qk_scale: Optional[float] = None):
@@ -58,7 +61,8 @@ class BiLevelRoutingAttention(nn.Module):
         q = q.unflatten(-1, (h, qk // h)).permute(0, 3, 1, 2, 4)
         k = k.unflatten(-1, (h, qk // h)).permute(0, 3, 1, 2, 4)
         vh = v.unflatten(-1, (h, C // h)).permute(0, 3, 1, 2, 4)
-        o = bilevel_routing_attention(q, k, vh, self.topk, self.scale, backend)   # (B, heads, R, T, C / heads)
+        # (B, heads, R, T, C / heads)
+        o = bilevel_routing_attention(q, k, vh, self.topk, self.scale, self.op_backend(backend))
         o = from_regions(o.permute(0, 2, 3, 1, 4).reshape(B, R, T, C), n, (H, W))
         if self.lepe is not None:
             # LePE over the whole padded value map (zero padding only at its border), cropped
@@ -69,11 +73,12 @@ class BiLevelRoutingAttention(nn.Module):
         return self.proj(o)
 
 
-class GlobalAttentionLePE(nn.Module):
+class GlobalAttentionLePE(OpMixer):
     """Stage 4 (official ``AttentionLePE``, topk = -2): multi-head attention over the whole map (the window
     op with one window) with a depthwise conv of the block's normed input x (not of v) added before the
     projection. qkv without bias; the official default of 8 heads (not dim / 32). ``side_dwconv=0``: no LePE
     (official ``Attention``, topk = -1)."""
+    op = 'window'
 
     def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, qkv_bias: bool = False):
         super().__init__()
@@ -88,7 +93,7 @@ class GlobalAttentionLePE(nn.Module):
         B, H, W, C = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).view(B, H * W, 3, h, C // h).permute(2, 0, 3, 1, 4)        # (B, heads, N, D) each
-        o = window_attention(q, k, v, backend=backend).transpose(1, 2).reshape(B, H, W, C)
+        o = window_attention(q, k, v, backend=self.op_backend(backend)).transpose(1, 2).reshape(B, H, W, C)
         if self.lepe is not None:
             o = o + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(o)

@@ -14,6 +14,8 @@ from timm.layers import to_2tuple
 from ops.window import (pad_map, padded_size, padding_key_mask, partition, relative_position_index,
                         unpartition, window_attention)
 
+from .base import OpMixer
+
 
 class RelPosBiasTf(nn.Module):
     """Relative position bias with a (heads, 2*wh-1, 2*ww-1) table, TF MaxViT layout:
@@ -32,11 +34,12 @@ class RelPosBiasTf(nn.Module):
         return self.relative_position_bias_table.flatten(1)[:, self.index]
 
 
-class PartitionAttention(nn.Module):
+class PartitionAttention(OpMixer):
     """qkv -> window attention (+ relative position bias) -> proj, on (B, H, W, C) maps.
 
     ``head_first=False`` is the TF channel order of the fused qkv projection: [q | k | v] each
     split into heads (timm's ``maxvit_*_tf``)."""
+    op = 'window'
 
     def __init__(self, dim: int, window_size: Tuple[int, int], partition: str = 'block', dim_head: int = 32,
                  bias: bool = True, rel_pos: bool = True, mask_padding: bool = True, attn_drop: float = 0.,
@@ -68,7 +71,7 @@ class PartitionAttention(nn.Module):
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else None
         if self.training and self.attn_drop > 0:
             raise NotImplementedError('attention dropout is not supported by the window op')
-        o = window_attention(q, k, v, bias=bias, key_mask=mask, backend=backend)  # (B*nW, heads, N, D)
+        o = window_attention(q, k, v, bias=bias, key_mask=mask, backend=self.op_backend(backend))   # (B*nW, h, N, D)
         o = self.proj_drop(self.proj(o.transpose(1, 2).reshape(Bw, N, C)))
         o = unpartition(o, ws, (Hp, Wp), self.partition)
         return o[:, :H, :W] if (Hp, Wp) != (H, W) else o
