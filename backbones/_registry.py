@@ -113,7 +113,8 @@ def check_model_name(name: str) -> str:
         return base
     close = difflib.get_close_matches(base, list(MODELS), n=5, cutoff=0.5)
     hint = f'; did you mean {", ".join(close)}?' if close else ''
-    raise ValueError(f'unknown zoo model {name!r}{hint} (backbones.list_models() lists all {len(MODELS)})')
+    raise ValueError(f'unknown model {name!r}{hint} (not one of the {len(MODELS)} zoo models, '
+                     f'backbones.list_models())')
 
 
 def list_models(family: Optional[str] = None) -> List[str]:

@@ -71,9 +71,10 @@ class MixZooBackbone(BaseModule):
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         import backbones  # noqa: F401  (registers the zoo's models in timm)
-        if model_name not in backbones.list_models():
-            raise ValueError(f'MixZooBackbone: unknown model {model_name!r}; zoo models: '
-                             f'{", ".join(backbones.list_models())}')
+        try:
+            backbones.check_model_name(model_name)
+        except ValueError as e:
+            raise ValueError(f'MixZooBackbone: {e}') from None
         self.model_name = model_name
         if drop_path_rate is not None:     # (SHViT has no stochastic depth: leave it unset there)
             model_kwargs['drop_path_rate'] = drop_path_rate

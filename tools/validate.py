@@ -34,6 +34,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 import backbones  # noqa: E402
 from backbones._convert import convert  # noqa: E402
 from backbones._registry import check_model_name  # noqa: E402
+import ops  # noqa: E402
 
 IMG_EXT = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
@@ -160,8 +161,6 @@ def validate(name, args):
         model = model.to(memory_format=torch.channels_last)
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-    if args.backend:
-        os.environ['MIXZOO_BACKEND'] = args.backend
     try:
         from tqdm import tqdm
         it = tqdm(loader, desc=name, disable=args.no_progress)
@@ -170,7 +169,7 @@ def validate(name, args):
     n = top1 = top5 = 0
     loss = 0.
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), ops.forcing(args.backend):     # (names checked here, nothing global changed)
         for x, y in it:
             x, y = x.to(device), y.to(device)
             if args.channels_last:
