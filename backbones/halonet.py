@@ -188,9 +188,12 @@ class HaloNet(StagedModelMixin, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         """timm's ByobNet semantics: the pooling is kept unless given, the new layers follow the model's mode,
-        the pooled width (2x for 'catavgmax') is head_hidden_size; ``reset_other`` has nothing to reset (the
-        final conv is a feature layer: prune_intermediate_layers(prune_norm=True) removes it)."""
+        the pooled width (2x for 'catavgmax') is head_hidden_size. ``reset_other`` (the shared
+        prune_intermediate_layers' call) also drops the final 1x1 conv, the slot of a final norm there."""
         self.num_classes = num_classes
+        if reset_other:
+            self.final_conv = nn.Identity()
+            self.num_features = self.feature_info[-1]['num_chs']
         self.head.reset(num_classes, global_pool, in_features=self.num_features)
         self.head_hidden_size = self.head.num_features
 

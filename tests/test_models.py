@@ -184,14 +184,21 @@ def _names(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
+# one small variant per family: the first registered one not marked slow
+FIRST = {}
+for _n in RUN:
+    if not _marks(_n):
+        FIRST.setdefault(MODELS[_n].family, _n)
+
+
 def _default_cfgs_params():
-    """Every fully tested model on CPU; of the build_only ones, one per (family, input size) on the meta
-    device (a family's variants share their head code; the input size sets the cfg's pool_size)."""
+    """Every fully tested model, and of the build_only ones one per (family, input size) (a family's variants
+    share their head code; the input size sets the cfg's pool_size)."""
     built = {}
     for n, m in MODELS.items():
         if m.build_only:
             built.setdefault((m.family, m.img_size), n)
-    return _run_params() + [pytest.param(n, marks=pytest.mark.slow, id=f'{n}-meta') for n in built.values()]
+    return _run_params() + [pytest.param(n, marks=pytest.mark.slow, id=n) for n in built.values()]
 
 
 @pytest.mark.parametrize('name', _default_cfgs_params())
@@ -200,10 +207,12 @@ def test_model_default_cfgs(name):
     forward_features gives the (num_features, *pool_size) map, forward_head(pre_logits=True) head_hidden_size
     vectors; reset_classifier(0) pools to those vectors, reset_classifier(0, '') and
     create_model(num_classes=0, global_pool='') give the unpooled map; the cfg's classifier and first_conv
-    name parameters; the cfg's pool_size is the timm reference's."""
+    name parameters; the cfg's pool_size is the timm reference's. Run on the meta device (the models' own
+    code, shapes without arithmetic); each family's first variant also runs forward_features on CPU, where
+    the device-dependent paths (channels-last layouts, compiled kernels) run."""
     info = MODELS[name]
-    device = torch.device('meta' if info.build_only else 'cpu')
-    with device:
+    meta = torch.device('meta')
+    with meta:
         model = timm.create_model(name).eval()
     assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
     cfg, keys = model.default_cfg, model.state_dict().keys()
@@ -212,7 +221,7 @@ def test_model_default_cfgs(name):
     pool = tuple(cfg['pool_size'])
     if info.reference.startswith('timm:'):
         assert pool == tuple(timm.get_pretrained_cfg_value(_timm_name(name), 'pool_size'))
-    x = torch.randn(1, *cfg['input_size'], device=device)
+    x = torch.randn(1, *cfg['input_size'], device=meta)
     unpooled = (1, model.num_features, *pool)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -223,9 +232,12 @@ def test_model_default_cfgs(name):
         assert model.num_classes == 0 and model(x).shape == pre.shape
         model.reset_classifier(0, '')
         assert model(x).shape == unpooled, 'reset_classifier(0, "") must give the unpooled map'
-        with device:
+        with meta:
             bare = timm.create_model(name, num_classes=0, global_pool='').eval()
         assert bare(x).shape == unpooled, 'create_model(num_classes=0, global_pool="") must give the unpooled map'
+        if name in FIRST.values():
+            cpu = timm.create_model(name).eval()
+            assert cpu.forward_features(torch.randn(1, *cfg['input_size'])).shape == unpooled
 
 
 # reset_classifier calls in order (each on the model as the previous one left it): the pooling is kept when
@@ -233,40 +245,40 @@ def test_model_default_cfgs(name):
 HEAD_RESETS = [(0, None), (0, ''), (0, 'max'), (0, None), (3, 'avg'), (5, None), (0, 'avgmax'), (0, 'catavgmax')]
 
 
-@pytest.mark.parametrize('name', _timm_run_params())
+@pytest.mark.parametrize('name', [n for n in FIRST.values() if n in TIMM])
 def test_head_api_matches_reference(name):
-    """Same weights, the same head calls on zoo and timm models: the same outputs (pre-logits, pooled,
-    unpooled, new classifiers), num_classes / num_features / head_hidden_size, the new layers in the
-    model's mode; a call timm refuses is refused."""
-    ref = randomize_(timm.create_model(_timm_name(name))).eval()
+    """The head calls of timm's API on zoo and timm models with the same weights, fed the same feature map
+    (a family's variants share their head code): the same outputs (pre-logits, pooled, unpooled, new
+    classifiers), num_classes / num_features / head_hidden_size, the new layers in the model's mode; a call
+    timm refuses is refused; create_model(num_classes=0, global_pool='') builds the same head."""
+    ref = timm.create_model(_timm_name(name)).eval()
     zoo = timm.create_model(name).eval()
     zoo.load_state_dict(ref.state_dict())
-    s = MODELS[name].img_size
-    x = torch.randn(2, 3, s, s)
+    pool = zoo.default_cfg['pool_size']
+    feats = torch.randn(2, zoo.num_features, *pool)
 
     def same(what, a, b):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-4, f'{name} {what}: {tuple(a.shape)} vs timm {tuple(b.shape)}'
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5, f'{name} {what}: {tuple(a.shape)} vs timm {tuple(b.shape)}'
         attrs = [(m.num_classes, m.num_features, m.head_hidden_size) for m in (zoo, ref)]
         assert attrs[0] == attrs[1], f'{name} {what}: (num_classes, num_features, head_hidden_size) {attrs}'
         assert not any(m.training for m in zoo.modules()), f'{name} {what}: layers left in training mode'
 
     with torch.no_grad():
-        f_zoo, f_ref = zoo.forward_features(x), ref.forward_features(x)
-        same('forward_head(pre_logits=True)', zoo.forward_head(f_zoo, pre_logits=True),
-             ref.forward_head(f_ref, pre_logits=True))
-        for num_classes, pool in HEAD_RESETS:
+        same('forward_head(pre_logits=True)', zoo.forward_head(feats, pre_logits=True),
+             ref.forward_head(feats, pre_logits=True))
+        for num_classes, pool_type in HEAD_RESETS:
             try:
-                ref.reset_classifier(num_classes, pool)
+                ref.reset_classifier(num_classes, pool_type)
             except (AssertionError, ValueError):
                 with pytest.raises((AssertionError, ValueError), match='(?i)pool'):   # timm's own heads assert
-                    zoo.reset_classifier(num_classes, pool)
+                    zoo.reset_classifier(num_classes, pool_type)
                 break   # timm's model is left half reset
-            zoo.reset_classifier(num_classes, pool)
+            zoo.reset_classifier(num_classes, pool_type)
             zoo.load_state_dict(ref.state_dict())        # a new classifier's random weights
-            same(f'reset_classifier({num_classes}, {pool!r})', zoo.forward_head(f_zoo), ref.forward_head(f_ref))
+            same(f'reset_classifier({num_classes}, {pool_type!r})', zoo.forward_head(feats), ref.forward_head(feats))
         ref, zoo = (timm.create_model(n, num_classes=0, global_pool='').eval() for n in (_timm_name(name), name))
         zoo.load_state_dict(ref.state_dict())
-        same("create_model(num_classes=0, global_pool='')", zoo.forward_head(f_zoo), ref.forward_head(f_ref))
+        same("create_model(num_classes=0, global_pool='')", zoo.forward_head(feats), ref.forward_head(feats))
 
 
 @pytest.mark.parametrize('name', _run_params())
