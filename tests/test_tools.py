@@ -1,6 +1,7 @@
 """tools/validate.py, tools/convert.py and the checkpoint manifest, on data the tests make."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -282,3 +283,40 @@ def test_benchmark_runs_models_and_op_tables(capsys):
     assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1', '--backward']) == 0
     out = capsys.readouterr().out
     assert 'forward+backward' in out and 'zoo mixer [torch]' in out and '[cpu]' not in out
+
+
+def test_benchmark_header_progress_and_quick_mode(capsys, monkeypatch):
+    """The header names the CPU, torch threads, allocator and versions; progress (model i of n, elapsed
+    seconds) goes to stderr; --quick takes each family's smallest variant, batch 2, best of 3."""
+    import benchmark
+    import machine
+    quick = benchmark.quick_models()
+    assert sorted(MODELS[n].family for n in quick) == backbones.families()
+    for n in quick:
+        others = [m.gmacs for m in MODELS.values() if m.family == MODELS[n].family and not m.build_only and m.gmacs]
+        assert not MODELS[n].build_only and MODELS[n].gmacs == min(others), n
+    monkeypatch.setattr(benchmark, 'quick_models', lambda: ['mz_shvit_s1', 'mz_poolformer_s12'])
+    assert benchmark.main(['--quick', '--speed', 'none', '--img-size', '64']) == 0
+    out, err = capsys.readouterr()
+    head = out.splitlines()[:3]
+    assert head[0].startswith(f'CPU: {machine.cpu_model()} (') and ' cores, load ' in head[0]
+    assert f'({torch.get_num_threads()} threads' in head[1] and f'timm {timm.__version__}' in head[1]
+    assert f'allocator: {machine.allocator()}' in head[1]
+    assert 'batch 2, float32, best of 3, quick mode' in head[2]
+    assert [ln.split(' | ')[0] for ln in out.splitlines() if ' | ' in ln][1:] == ['mz_shvit_s1', 'mz_poolformer_s12']
+    assert re.search(r'^\[1/2 \d+s\] mz_shvit_s1: parameters and GMACs$', err, re.M), err
+    assert re.search(r'^\[2/2 \d+s\] mz_poolformer_s12: parameters and GMACs$', err, re.M), err
+    assert re.search(r'^\[2/2 \d+s\] done: 2 models$', err, re.M), err
+
+
+def test_machine_allocator_names_preloads_and_settings(monkeypatch):
+    import machine
+    monkeypatch.setenv('LD_PRELOAD', '/opt/lib/libtcmalloc_minimal.so.4')
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '4000000000')
+    a = machine.allocator()
+    assert 'tcmalloc' in a and 'LD_PRELOAD=/opt/lib/libtcmalloc_minimal.so.4' in a
+    assert 'MALLOC_MMAP_THRESHOLD_=4000000000' in a
+    monkeypatch.delenv('LD_PRELOAD')
+    monkeypatch.setenv('MALLOC_CONF', 'background_thread:true')
+    assert 'MALLOC_CONF=background_thread:true' in machine.allocator()
+    assert 'glibc malloc (default)' not in machine.allocator()

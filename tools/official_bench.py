@@ -13,23 +13,17 @@ names clash with the zoo's (BiFormer has an ``ops``) are moved aside in sys.modu
 Peak memory: tools/opbench.peak_mb (on CPU the running sum of the profiler's per-op allocations).
 """
 import argparse
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from make_official_fixture import HERE, ROOT, official as recipes   # (this script's folder is on sys.path; no zoo import)
+import machine   # (this script's folder is on sys.path; no zoo import)
+from make_official_fixture import HERE, ROOT, official as recipes
 
 
 def cpu_model() -> str:
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-        name = next(ln.split(':', 1)[1].strip() for ln in out.splitlines() if ln.startswith('Model name'))
-    except Exception:
-        name = platform.processor() or platform.machine()
-    return f'{name}, {torch.get_num_threads()} torch threads'
+    return f'{machine.cpu_model()}, {torch.get_num_threads()} torch threads, allocator: {machine.allocator()}'
 
 
 def set_aside_clashing_modules(zoo_packages=('ops', 'backbones', 'tools')):
