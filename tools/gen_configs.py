@@ -8,6 +8,7 @@ backbone, the neck/head input channels and strides, and the optimizer of the fam
 Channels and strides are read from the zoo's backbone adapter, not typed in.
 """
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -126,8 +127,16 @@ def fmt(v) -> str:
 
 
 def backbone_info(name, opts):
+    return _backbone_info(name, tuple(opts.get('out_indices', (0, 1, 2, 3))))
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_info(name, out_indices):
+    """The adapter's output channels and strides, from a build on the meta device (no weights, no compute)."""
+    import torch
     from backbones.mm import MixZooBackbone
-    b = MixZooBackbone(name, **{k: v for k, v in opts.items() if k in ('out_indices',)})
+    with torch.device('meta'):
+        b = MixZooBackbone(name, out_indices=out_indices)
     return b.out_channels, b.out_strides
 
 
