@@ -28,7 +28,8 @@ if [ -z "$wheel" ] && ls "$built"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then wheel=$
 if [ -z "$wheel" ]; then
   cat >&2 <<EOF
 [install_mm] no prebuilt mmcv wheel for $tag: building mmcv 2.1.0 from source now,
-[install_mm]   about 30-40 min on 2 cores (MAX_JOBS=${MAX_JOBS:-2} compile jobs), once per machine: the wheel is kept in $built.
+[install_mm]   30-40 min on 2 idle cores, up to ~95 min on a busy 2-core machine (MAX_JOBS=${MAX_JOBS:-2} compile jobs),
+[install_mm]   once per machine: the wheel is kept in $built.
 [install_mm]   To skip the build, point at a built wheel: MIXZOO_MMCV_WHEEL=path/to/mmcv-2.1.0-*.whl
 [install_mm]   (pip's complaint that torch wants setuptools>=77 is expected: mmcv is built with setuptools<70,
 [install_mm]   the last step puts the pinned one back)
