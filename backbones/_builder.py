@@ -1,11 +1,9 @@
 """One way every family builds a model: timm's builder, fed by the zoo's one checkpoint path."""
-from functools import partial
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
 from . import _pretrained
-from ._weights import prepare_state_dict, read_checkpoint
+from ._weights import read_checkpoint
 from .layers import use_onednn_linears
 from .mixers import set_backend
 
@@ -35,7 +33,7 @@ def create_model(fam, variant: str, pretrained: bool = False, checkpoint_entry: 
             overlay['state_dict'] = read_checkpoint(str(path), prefer=checkpoint_entry)
         kwargs['pretrained_cfg_overlay'] = overlay
     model = build_model_with_cfg(
-        fam.cls, variant, pretrained, pretrained_filter_fn=partial(prepare_state_dict, fam=fam),
+        fam.cls, variant, pretrained, pretrained_filter_fn=fam.filter,
         feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', fam.out_indices)), **kwargs)
     if path is not None:   # no second reference to the weights in the cfg; say where they came from
         for m in {id(m): m for m in (model, getattr(model, 'model', None)) if m is not None}.values():

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-
 def weights_dir() -> Path:
     if os.environ.get('MIXZOO_WEIGHTS'):
         return Path(os.environ['MIXZOO_WEIGHTS']).expanduser()
@@ -66,7 +65,8 @@ def candidate_files(name: str, tag: Optional[str] = None) -> List[Path]:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, '').lower() in ('1', 'true', 'yes', 'on') for k in ('MIXZOO_OFFLINE', 'HF_HUB_OFFLINE'))
+    return any(os.environ.get(k, '').lower() in ('1', 'true', 'yes', 'on')
+               for k in ('MIXZOO_OFFLINE', 'HF_HUB_OFFLINE'))
 
 
 def download(url: str, dst: Path, sha256: Optional[str] = None, progress: bool = True) -> Path:
