@@ -28,6 +28,6 @@ setup(
         'mm': ['mmengine==0.10.7', 'mmcv==2.1.0', 'mmdet==3.3.0', 'mmsegmentation==1.2.2',
                'ftfy', 'regex', 'pycocotools', 'shapely', 'scipy', 'terminaltables'],
         'triton': ['triton>=3.0'],
-        'dev': ['pytest>=8'],
+        'dev': ['pytest>=8', 'pytest-xdist>=3'],
     },
 )

@@ -151,25 +151,31 @@ def register_op(op: str, **backends) -> None:
         register(Backend(op, name, doc=doc, **fields))
 
 
-def imported_on_call(module: str, name: str) -> Callable:
-    """``module.name``, imported at the first call: for backends whose dependency is optional (triton)."""
-    found = []
+def imported(module: str, name: str, dependency: str = 'triton') -> Callable:
+    """``module.name`` for a backend whose dependency is optional (triton): imported here, at registration,
+    where it imports (a first import inside a ``torch.compile``-traced call would be a graph break:
+    dynamo does not trace imports); where it does not, a function that raises the import's error.
+    The backend's ``available`` check keeps the dispatcher from choosing it there."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        if (e.name or '').split('.')[0] != dependency:    # not the optional dependency: our own bug, say so
+            raise
+        reason = f'{module} could not be imported ({type(e).__name__}: {e})'
 
-    def fn(*args, **kwargs):
-        if not found:
-            found.append(getattr(importlib.import_module(module), name))
-        return found[0](*args, **kwargs)
-    fn.__qualname__ = fn.__name__ = f'{module}.{name}'
-    return fn
+        def fn(*args, **kwargs):
+            raise RuntimeError(reason)
+        fn.__qualname__ = fn.__name__ = f'{module}.{name}'
+        return fn
 
 
 def triton_kernels(package: str, fn: str, *, validated: bool, doc: str, **fields) -> dict:
-    """The fields of an op's Triton backend: ``<package>.triton.<fn>``, imported on first call; CUDA,
+    """The fields of an op's Triton backend: ``<package>.triton.<fn>`` (see :func:`imported`); CUDA,
     and CPU under ``TRITON_INTERPRET=1`` when forced (the tests); fp32/fp16/bf16 unless ``dtypes`` says
     otherwise. Picked automatically on CUDA only once ``validated`` (run on a GPU), else only when forced."""
     when = ('CPU only under TRITON_INTERPRET=1 and when forced (tests)' if validated else
             'only when forced (not yet validated on a GPU; CPU under TRITON_INTERPRET=1)')
-    return dict(fn=imported_on_call(f'{package}.triton', fn), devices=('cuda', 'cpu'),
+    return dict(fn=imported(f'{package}.triton', fn), devices=('cuda', 'cpu'),
                 auto_devices=('cuda',) if validated else (), dtypes=fields.pop('dtypes', FLOATS),
                 available=triton_unavailable, check=triton_interpreter_limits, doc=f'{doc}; {when}', **fields)
 

@@ -11,9 +11,18 @@ os.environ['MIXZOO_OFFLINE'] = '1'        # pretrained=True never reaches the ne
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist workers (the README/CI command runs `-n auto`) share the cores: threads = cores / workers, at most 2
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+torch.set_num_threads(max(1, min(2, _CORES // _WORKERS)))
 
 MISSING_DEP = 'missing dependency'   # skips for a missing package must start with this
+
+
+@pytest.hookimpl(optionalhook=True)     # (pytest-xdist's hook: no error where xdist is absent)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each worker builds and holds its own models)."""
+    return max(1, min(4, _CORES))
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +52,10 @@ def pytest_make_collect_report(collector):
     if rep.skipped and _in_ci() and MISSING_DEP in str(rep.longrepr):
         rep.outcome = 'failed'
         rep.longrepr = f'CI must run these tests, but the module was skipped: {rep.longrepr}'
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the `slow` tests start first, so that no worker is left with a long test at the
+    end while the other has nothing to do (with --dist worksteal the short ones fill the gaps)."""
+    if _WORKERS > 1:
+        items.sort(key=lambda item: item.get_closest_marker('slow') is None)

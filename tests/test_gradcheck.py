@@ -39,11 +39,12 @@ def test_gradients(op, backend, case):
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda *t: f(*t), tensors, eps=1e-6, atol=1e-6, rtol=1e-4)
         return
-    # float32: compare <grad, u> with (f(x + e u) - f(x - e u)) / 2e for random directions u
+    # float32: compare <grad, u> with (f(x + e u) - f(x - e u)) / 2e for a random direction u of each input
+    # (one direction: each forward runs in the Triton interpreter, two evaluations per input)
     grads = torch.autograd.grad(f(*tensors), tensors)
     g = torch.Generator().manual_seed(3)
     for i, t in enumerate(tensors):
-        for _ in range(2):
+        for _ in range(1):
             u = torch.randn(t.shape, generator=g)
             eps = 1e-2
             with torch.no_grad():

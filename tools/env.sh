@@ -26,7 +26,7 @@ if [ ! -f "$venv/.core-ok" ]; then
   log "creating $venv (first run on this machine or constraints changed)"
   rm -rf "$venv"
   "${MIXZOO_PYTHON:-python3}" -m venv "$venv"
-  pip install -c "$root/constraints.txt" torch torchvision timm safetensors numpy triton pytest
+  pip install -c "$root/constraints.txt" torch torchvision timm safetensors numpy triton pytest pytest-xdist
   touch "$venv/.core-ok"
   # drop environments of older constraints
   for old in "$cache"/venv-*; do [ "$old" = "$venv" ] || rm -rf "$old"; done

@@ -114,7 +114,9 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
     Dv, Hq, Wq = v.shape[2], q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     BH, nq = B * h, bq * bq
-    inplace = not (torch.is_grad_enabled() and any(
+    # inference writes into reused buffers (out=); under torch.compile that is a graph break, and
+    # inductor plans the memory itself, so compiled code takes the functional path
+    inplace = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w)))
     Qb = _query_blocks(q, bq, nbh, nbw)                                  # (nbh, nbw, BH, nq, D)
     rel = _rel_tables(Qb, rel_h, rel_w, bq, win) if rel_h is not None else None

@@ -26,9 +26,9 @@ def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_
         kv = kv * temperature.reshape(1, -1, 1, 1).to(kv.dtype)
     state = torch.cat([kv, k.sum(-2).unsqueeze(-1)], dim=-1)              # (B, heads, D, Dv + 1)
     o = torch.matmul(q, state)                                             # (B, heads, N, Dv + 1)
-    if torch.is_grad_enabled() and o.requires_grad or dtype != o.dtype:
+    if torch.is_grad_enabled() and o.requires_grad or dtype != o.dtype or torch.compiler.is_compiling():
         return (o[..., :Dv] / o[..., Dv:].clamp_min(clamp_min)).to(dtype)
-    # inference: the quotient written token-major (B, N, heads, Dv), returned as a (B, heads, N, Dv) view,
+    # eager inference (under compile `out=` is a graph break): the quotient written token-major (B, N, heads, Dv), returned as a (B, heads, N, Dv) view,
     # so the caller's transpose(1, 2).reshape(B, N, heads * Dv) costs no copy
     B, H, N, _ = q.shape
     out = empty((B, N, H, Dv), dtype=dtype, device=q.device).transpose(1, 2)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._dispatch import empty, triton_interpret
 from . import geometry as G
-from . import neighborhood_aggregate   # (this module is imported after the package, on the first call)
+from .. import neighborhood as package   # (imported while the package registers: its functions at call time)
 
 
 @triton.jit
@@ -305,4 +305,6 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _fwd_op(q, k, v, rpb, extra_k, extra_v, G.full_bias(extra_bias), kernel, dilation, scale, border)
     # the kernels take no window weights: their term is the same sum over the window, added after
-    return out if window_weights is None else out + neighborhood_aggregate(window_weights, v, kernel, dilation, border)
+    if window_weights is None:
+        return out
+    return out + package.neighborhood_aggregate(window_weights, v, kernel, dilation, border)
