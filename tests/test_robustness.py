@@ -83,11 +83,11 @@ def test_bf16_autocast_channels_last_determinism(name, models):
     x = torch.randn(2 if name in SMALLEST.values() else 1, 3, s, s)   # a batch of 2 once per family
     with torch.no_grad():
         ref = m(x)
-        again = m(x)
+        again = m(x) if name in SMALLEST.values() else None    # run-to-run: once per family
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = m(x)
         cl = m(x.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(ref, again), 'eval is not deterministic run to run'
+    assert again is None or torch.equal(ref, again), 'eval is not deterministic run to run'
     tol = BF16_TOL
     kind, ref_name = MODELS[name].reference.split(':', 1)
     if kind == 'timm':
@@ -136,8 +136,8 @@ def test_compile_matches_eager_without_graph_breaks(name):
 
 
 @pytest.mark.parametrize('name', SMALL)
-def test_export(name, models):
-    m = models(name)
+def test_export(name):
+    m = randomize_(timm.create_model(name, **_shallow(name))).eval()    # (every block kind, as for compile)
     x = torch.randn(1, 3, 64, 96)
     ep = torch.export.export(m, (x,), strict=False)
     with torch.no_grad():
