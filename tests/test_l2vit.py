@@ -102,10 +102,10 @@ def test_pretrained_finds_the_release_file(tmp_path, monkeypatch):
         assert torch.equal(ema(x), b(x))
 
 
-@pytest.mark.parametrize('size', [(224, 224), (256, 320), (33, 47), pytest.param((1024, 1024), marks=pytest.mark.slow)])
+@pytest.mark.parametrize('size', [(224, 224), (256, 320), (33, 47)])
 def test_any_size(size):
-    """Sizes that need every kind of padding (stem to /4, downsamples to even, windows to /7; 1024: a
-    dense-task map, 256x256 tokens at stage 1)."""
+    """Sizes that need every kind of padding (stem to /4, downsamples to even, windows to /7; 1024, a
+    dense-task map: test_robustness)."""
     zoo = timm.create_model('mz_l2vit_tiny').eval()
     x = torch.randn(1, 3, *size)
     with torch.no_grad():

@@ -125,8 +125,9 @@ def neighborhood_cases() -> List[Case]:
               _nbhd_case(1, 1, 8, 4, 3, 5, 1, 'shift', False, 0),
               _nbhd_case(1, 2, 24, 14, 14, 3, 1, 'mask', True, 49),         # TransNeXt-like: 3x3 + 7x7 pooled
               _nbhd_case(1, 2, 8, 6, 5, 3, 1, 'mask', True, 4, ww=True),    # + its learnable-token weights
-              _nbhd_case(1, 1, 8, 5, 6, 5, 1, 'shift', False, 0, ww=True)]
-    cases[0].gradcheck = True
+              _nbhd_case(1, 1, 8, 5, 6, 5, 1, 'shift', False, 0, ww=True),
+              _nbhd_case(1, 2, 4, 5, 6, 3, 1, 'mask', True, 3, ww=True)]   # every option, small: gradcheck
+    cases[-1].gradcheck = True
     return cases
 
 
@@ -229,13 +230,16 @@ def _params():
         if op not in CASES:
             continue
         for b in _dispatch.backends(op):
-            for case in CASES[op]():
+            for i, case in enumerate(CASES[op]()):
                 for dtype in (d for d in case.dtypes if d in b.dtypes):     # the others: test_dispatch
                     for dev in (d for d in _devices() if d in b.devices):
                         marks = []
-                        if b.name == 'triton' and dev == 'cpu' and not case.tiny:
-                            if dtype != torch.float32:   # interpreted: the tiny cases cover the half dtypes
-                                continue
+                        interpreted = b.name == 'triton' and dev == 'cpu'
+                        # interpreted (1-12 s a case): the half dtypes on the op's first case and its
+                        # gradcheck case (every option on); every case in float32, the large ones slow
+                        if interpreted and dtype != torch.float32 and not (case.tiny and (i == 0 or case.gradcheck)):
+                            continue
+                        if interpreted and not case.tiny:
                             marks.append(pytest.mark.slow)
                         yield pytest.param(op, b.name, case, dtype, dev, marks=marks,
                                            id=f'{op}-{b.name}-{case.id}-{str(dtype)[6:]}-{dev}')

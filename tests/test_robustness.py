@@ -65,9 +65,9 @@ def test_sizes(name, hw, models):
     if hw == 'min':
         hw = m.min_input_size
     x = torch.randn(1, 3, *hw)
-    with torch.no_grad():
-        logits = m(x)
-        feats = m.forward_intermediates(x, intermediates_only=True)
+    with torch.no_grad():     # one forward (forward_intermediates == forward_features: test_models)
+        final, feats = m.forward_intermediates(x)
+        logits = m.forward_head(final)
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
     for f, info in zip(feats, m.feature_info):
         r = info['reduction']
