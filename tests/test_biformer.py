@@ -85,7 +85,6 @@ def test_biformer_any_size_forward_backward(size, monkeypatch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in zoo.parameters())
 
 
-@pytest.mark.slow
 def test_biformer_dense_task_grid_and_bad_settings():
     """The official dense backbones use n_win 16 / 8; settings the model cannot take are named."""
     m = timm.create_model('mz_biformer_tiny', n_win=8, num_classes=0).eval()

@@ -62,7 +62,7 @@ def _size_params():
 
 @pytest.mark.parametrize('name,hw', list(_size_params()))
 def test_sizes(name, hw, models):
-    m = models(name) if hw != (1024, 1024) else randomize_(timm.create_model(name, **_shallow(name))).eval()
+    m = models(name) if hw != (1024, 1024) else _shallow_model(name)
     if hw == 'min':
         hw = m.min_input_size
     x = torch.randn(1, 3, *hw)
@@ -124,11 +124,12 @@ def test_gpu_half_precision(name, dtype, models):
     assert torch.isfinite(low).all() and rel_err(low.float(), ref) <= BF16_TOL
 
 
-def _shallow(name):
-    """The variant with at most two blocks a stage: every block kind, its first/other-block and alternating
-    paths are still traced, in a third of the time (TransNeXt-micro's stage 3 has 15)."""
+def _shallow_model(name):
+    """The variant with at most two blocks a stage, random weights, eval: every block kind, its first/other-
+    block and alternating paths still run, in a third of the time (TransNeXt-micro's stage 3 has 15)."""
     arch = MODELS[name].arch
-    return {k: tuple(min(d, 2) for d in arch[k]) for k in ('depths', 'depth') if k in arch}
+    depths = {k: tuple(min(d, 2) for d in arch[k]) for k in ('depths', 'depth') if k in arch}
+    return randomize_(timm.create_model(name, **depths)).eval()
 
 
 @pytest.mark.parametrize('name', SMALL)
@@ -137,7 +138,7 @@ def test_compile_matches_eager_without_graph_breaks(name):
     paths differ) and in training, each equal to eager. AOT tracing of the whole model (functionalization,
     our ops' fake kernels) is test_export's, inductor's code generation is checked per op in test_ops
     (40-130 s a model on a cold cache)."""
-    m = randomize_(timm.create_model(name, **_shallow(name))).eval()
+    m = _shallow_model(name)
     x = torch.randn(1, 3, 64, 96)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_compile_matches_eager_without_graph_breaks(name):
 
 @pytest.mark.parametrize('name', SMALL)
 def test_export(name):
-    m = randomize_(timm.create_model(name, **_shallow(name))).eval()    # (every block kind, as for compile)
+    m = _shallow_model(name)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():     # the inference paths, as deployed (AOT tracing with our ops' fake kernels)
         ep = torch.export.export(m, (x,), strict=False)
