@@ -2,6 +2,14 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# One import namespace, `mixzoo`, over the repository's top-level folders: backbones/ is `mixzoo`,
+# ops/ is `mixzoo.ops`, checkpoints/ (the manifest, data only) is `mixzoo.checkpoints`. package_dir maps
+# them for wheels and for PEP 660 editable installs alike (pyproject.toml selects that backend), so the
+# checkout's files are what an editable install runs; nothing generic lands in site-packages.
+PACKAGE_DIR = {'mixzoo': 'backbones', 'mixzoo.ops': 'ops', 'mixzoo.checkpoints': 'checkpoints'}
+PACKAGES = [name + ('.' + sub if sub else '') for name, folder in PACKAGE_DIR.items()
+            for sub in [''] + find_packages(folder)]
+
 setup(
     name='mixzoo',
     version='0.1.0',
@@ -9,12 +17,12 @@ setup(
                 'with adapters for mmdet / mmseg',
     long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
-    packages=find_packages(include=['backbones', 'backbones.*', 'ops', 'ops.*']),
-    # C kernels are compiled on first use (ops/_native.py), so their sources ship with the package
-    package_data={'ops': ['*/*.c']},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    # C kernels are compiled on first use (ops/_native.py), so their sources ship with the package;
+    # the checkpoint manifest is read with importlib.resources (mixzoo._pretrained)
+    package_data={'mixzoo.ops': ['*/*.c'], 'mixzoo.checkpoints': ['manifest.json']},
     python_requires='>=3.10',
-    # the checkpoint manifest lives at the top level (checkpoints/); installed copies find it here
-    data_files=[('share/mixzoo/checkpoints', ['checkpoints/manifest.json'])],
     install_requires=[
         'torch>=2.4,<2.15',
         'torchvision>=0.19,<0.30',

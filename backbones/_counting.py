@@ -3,8 +3,8 @@ GMACs = torch.utils.flop_counter total / 2 for one image, in eval mode (REFERENC
 import torch
 import torch.nn as nn
 
-from ops import _onednn
-from ops._dispatch import forcing
+from .ops import _onednn
+from .ops._dispatch import forcing
 
 
 def param_count(model: nn.Module) -> int:

@@ -24,13 +24,12 @@ def weights_dir() -> Path:
 
 
 def manifest_path() -> Path:
-    candidates = [os.environ.get('MIXZOO_MANIFEST'),
-                  Path(__file__).resolve().parent.parent / 'checkpoints' / 'manifest.json',
-                  Path(sys.prefix) / 'share' / 'mixzoo' / 'checkpoints' / 'manifest.json']
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise FileNotFoundError('checkpoints/manifest.json not found (set MIXZOO_MANIFEST to its path)')
+    """The manifest shipped as package data (``mixzoo.checkpoints``: the checkout's checkpoints/ in an
+    editable install), or ``$MIXZOO_MANIFEST``."""
+    if os.environ.get('MIXZOO_MANIFEST'):
+        return Path(os.environ['MIXZOO_MANIFEST'])
+    from importlib.resources import files
+    return Path(str(files('mixzoo.checkpoints') / 'manifest.json'))
 
 
 @lru_cache(maxsize=1)

@@ -114,7 +114,7 @@ def check_model_name(name: str) -> str:
     close = difflib.get_close_matches(base, list(MODELS), n=5, cutoff=0.5)
     hint = f'; did you mean {", ".join(close)}?' if close else ''
     raise ValueError(f'unknown model {name!r}{hint} (not one of the {len(MODELS)} zoo models, '
-                     f'backbones.list_models())')
+                     f'mixzoo.list_models())')
 
 
 def list_models(family: Optional[str] = None) -> List[str]:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
 
-from ops._dispatch import tracing
+from .ops._dispatch import tracing
 
 from ._features import Stage, StagedModelMixin
 from ._registry import Family, register_family, variant

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, trunc_normal_
 from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 
-from ops._onednn import linear
+from .ops._onednn import linear
 
 
 class ChannelScale(nn.Module):

@@ -2,7 +2,7 @@
 
 In a config::
 
-    custom_imports = dict(imports=['backbones.mm'], allow_failed_imports=False)
+    custom_imports = dict(imports=['mixzoo.mm'], allow_failed_imports=False)
     model = dict(backbone=dict(type='MixZooBackbone', model_name='mz_davit_tiny',
                                pretrained='davit_tiny.pth', out_indices=(0, 1, 2, 3)), ...)
 
@@ -22,6 +22,7 @@ from mmengine.logging import print_log
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _convert, _pretrained
+from ._registry import check_model_name
 from ._weights import read_checkpoint
 
 __all__ = ['MixZooBackbone', 'allow_mmengine_checkpoints']
@@ -43,7 +44,7 @@ class MixZooBackbone(BaseModule):
     """A ``mz_*`` model as a multi-scale backbone.
 
     Args:
-        model_name: a registered zoo model (``backbones.list_models()``).
+        model_name: a registered zoo model (``mixzoo.list_models()``).
         pretrained: a checkpoint file in any layout the family's ``checkpoint_filter_fn`` takes
             (official release, timm, zoo; ``model``/``state_dict`` wrappers); the classifier is
             dropped; 'zoo' = the family's release checkpoint from ``$MIXZOO_WEIGHTS`` (as
@@ -70,9 +71,8 @@ class MixZooBackbone(BaseModule):
                 raise ValueError('MixZooBackbone: give either pretrained or init_cfg, not both')
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
-        import backbones  # noqa: F401  (registers the zoo's models in timm)
         try:
-            backbones.check_model_name(model_name)
+            check_model_name(model_name)
         except ValueError as e:
             raise ValueError(f'MixZooBackbone: {e}') from None
         self.model_name = model_name

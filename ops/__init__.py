@@ -1,5 +1,5 @@
-"""The zoo's token-mixer ops. One functional API per op; backends are picked by ``ops._dispatch``
-(``python -m ops info`` prints every op x backend and whether it can run here)."""
+"""The zoo's token-mixer ops. One functional API per op; backends are picked by ``mixzoo.ops._dispatch``
+(``python -m mixzoo.ops info`` prints every op x backend and whether it can run here)."""
 from ._dispatch import BackendError, backends, forced_backend, forcing, select  # noqa: F401
 from .halo import halo_attention  # noqa: F401
 from .linear import linear_attention  # noqa: F401

@@ -1,4 +1,4 @@
-"""``python -m ops info``: every op x backend, what it supports, and whether it can run here; and the state of
+"""``python -m mixzoo.ops info``: every op x backend, what it supports, and whether it can run here; and the state of
 the oneDNN linear route (``ops._onednn``), the second switch of what a model runs."""
 import argparse
 import sys
@@ -16,7 +16,7 @@ def info(out=None) -> None:
     print(f'torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}; '
           f'TRITON_INTERPRET={int(_dispatch.triton_interpret())}; '
           f'MIXZOO_BACKEND={__import__("os").environ.get("MIXZOO_BACKEND", "") or "(unset)"}', file=out)
-    print(f'oneDNN linear (ops._onednn.linear): {_onednn.state()[1]}', file=out)
+    print(f'oneDNN linear (mixzoo.ops._onednn.linear): {_onednn.state()[1]}', file=out)
     for op in _dispatch.ops():
         print(f'\n[{op}]  priority: {" > ".join(b.name for b in _dispatch.backends(op))}', file=out)
         for b in _dispatch.backends(op):
@@ -36,7 +36,7 @@ def info(out=None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m ops')
+    p = argparse.ArgumentParser(prog='python -m mixzoo.ops')
     p.add_argument('command', choices=['info'], nargs='?', default='info')
     p.parse_args(argv)
     info()

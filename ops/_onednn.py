@@ -29,7 +29,7 @@ def _off_reason() -> Optional[str]:
     """Why the route is off for every call on this machine and in this state (None: it is on)."""
     if not _ONEDNN_LINEAR:
         return (f'{ENV}=0 (read at import)' if _ENV_VALUE == '0' else
-                'switched off in this process (inside ops._onednn.disabled(), as the FLOP counters do)')
+                'switched off in this process (inside mixzoo.ops._onednn.disabled(), as the FLOP counters do)')
     if not torch.backends.mkldnn.is_available():
         return 'this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)'
     if not torch.backends.mkldnn.enabled:
@@ -38,13 +38,13 @@ def _off_reason() -> Optional[str]:
 
 
 def state() -> Tuple[bool, str]:
-    """(on, why) of the oneDNN linear route, for ``python -m ops info``."""
+    """(on, why) of the oneDNN linear route, for ``python -m mixzoo.ops info``."""
     env = f'{ENV}={_ENV_VALUE}' if _ENV_VALUE is not None else f'{ENV} unset (default on)'
     why = _off_reason()
     if why:
         return False, f'off: {why}; {env}'
     return True, (f'on: {env}; fp32 CPU inference linears (every zoo model\'s nn.Linear, via '
-                  'backbones.layers.use_onednn_linears, and the ops\' projections) of more than '
+                  'mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
                   'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; autograd, GPU, other '
                   f'dtypes, autocast and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
 

@@ -1,8 +1,8 @@
 """Shared helpers for the test suite."""
 import torch
 
-from backbones._counting import gmacs, param_count  # noqa: F401  (re-exported for the tests)
-from backbones._random import randomize_  # noqa: F401
+from mixzoo._counting import gmacs, param_count  # noqa: F401  (re-exported for the tests)
+from mixzoo._random import randomize_  # noqa: F401
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -12,7 +12,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def official_layout(family: str, state_dict):
     """A zoo state dict renamed to the family's release layout: its record's rename table, read backwards."""
-    from backbones import FAMILIES
+    from mixzoo import FAMILIES
     renames = FAMILIES[family].renames
     if renames is None:
         raise KeyError(f'{family} declares no release-layout renames')

@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from backbones.mixers.routing import BiLevelRoutingAttention
+from mixzoo.mixers.routing import BiLevelRoutingAttention
 from helpers import official_layout, randomize_, rel_err
 
 # the official release's keys and shapes (rayleizhu/BiFormer biformer_tiny, ../shared/OFFICIAL-FACTS.md)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import ops
-from ops import _dispatch
-from ops._dispatch import Backend, BackendError, Call
+from mixzoo import ops
+from mixzoo.ops import _dispatch
+from mixzoo.ops._dispatch import Backend, BackendError, Call
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_no_backend_error_lists_each(toy_op):
 
 
 def test_ops_info_prints_every_op_and_backend(capsys):
-    from ops.__main__ import main
+    from mixzoo.ops.__main__ import main
     assert main(['info']) == 0
     out = capsys.readouterr().out
     for op in _dispatch.ops():
@@ -135,7 +135,7 @@ def test_register_op_declares_backends_in_order_with_their_docstrings():
 
     name = 'toy_declared_op'
     try:
-        _dispatch.register_op(name, triton=_dispatch.triton_kernels('ops.window', 'window_attention', validated=False,
+        _dispatch.register_op(name, triton=_dispatch.triton_kernels('mixzoo.ops.window', 'window_attention', validated=False,
                                                                     doc='kernels'),
                               fast=dict(fn=lambda x: x, devices=('cuda',), doc='fast'), plain=plain)
         assert [b.name for b in _dispatch.backends(name)] == ['triton', 'fast', 'plain']
@@ -144,7 +144,7 @@ def test_register_op_declares_backends_in_order_with_their_docstrings():
         assert tri.dtypes == _dispatch.FLOATS and tri.auto_devices == () and tri.devices == ('cuda', 'cpu')
         assert tri.doc.startswith('kernels; only when forced') and fast.devices == ('cuda',)
         # imported at registration: a first import inside a torch.compile'd call would be a graph break
-        assert (tri.fn.__module__, tri.fn.__name__) == ('ops.window.triton', 'window_attention')
+        assert (tri.fn.__module__, tri.fn.__name__) == ('mixzoo.ops.window.triton', 'window_attention')
         with pytest.raises(ValueError, match="backend 'bare' needs a doc"):
             _dispatch.register_op(name, bare=lambda x: x)
     finally:
@@ -162,20 +162,20 @@ def test_op_packages_share_one_shape():
         if op.startswith('toy'):
             continue
         table = {b.name: b for b in _dispatch.backends(op)}
-        assert table['torch'].fn.__module__ == f'ops.{op}.eager', op
-        assert table['reference'].fn.__module__ == f'ops.{op}.reference', op
+        assert table['torch'].fn.__module__ == f'mixzoo.ops.{op}.eager', op
+        assert table['reference'].fn.__module__ == f'mixzoo.ops.{op}.reference', op
         tri = table['triton'].fn
-        assert (tri.__module__, tri.__name__) == (f'ops.{op}.triton', table['torch'].fn.__name__), op
+        assert (tri.__module__, tri.__name__) == (f'mixzoo.ops.{op}.triton', table['torch'].fn.__name__), op
         assert all(b.doc for b in table.values()), op
         assert not (root / op / 'torch.py').exists()
         src = (root / op / 'triton.py').read_text()
         assert 'torch.library.custom_op' in src and 'autograd.Function' not in src, op
-        assert importlib.import_module(f'ops.{op}').torch is torch   # the package's `torch` is torch itself
+        assert importlib.import_module(f'mixzoo.ops.{op}').torch is torch   # the package's `torch` is torch itself
 
 
 def test_ops_info_shows_the_onednn_linear_switch(capsys, monkeypatch):
-    from ops import _onednn
-    from ops.__main__ import main
+    from mixzoo.ops import _onednn
+    from mixzoo.ops.__main__ import main
     main(['info'])
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('oneDNN linear'))
     on, why = _onednn.state()
@@ -185,8 +185,8 @@ def test_ops_info_shows_the_onednn_linear_switch(capsys, monkeypatch):
     monkeypatch.setattr(_onednn, '_ONEDNN_LINEAR', False)
     main(['info'])
     out = capsys.readouterr().out
-    assert 'oneDNN linear (ops._onednn.linear): off: MIXZOO_ONEDNN_LINEAR=0 (read at import)' in out
+    assert 'oneDNN linear (mixzoo.ops._onednn.linear): off: MIXZOO_ONEDNN_LINEAR=0 (read at import)' in out
     monkeypatch.setattr(_onednn, '_ENV_VALUE', None)
     with _onednn.disabled():
-        assert _onednn.state() == (False, 'off: switched off in this process (inside ops._onednn.disabled(), as the '
+        assert _onednn.state() == (False, 'off: switched off in this process (inside mixzoo.ops._onednn.disabled(), as the '
                                           'FLOP counters do); MIXZOO_ONEDNN_LINEAR unset (default on)')

@@ -4,7 +4,7 @@ directional derivatives in float32 where it does not (Triton, under the interpre
 import pytest
 import torch
 
-from ops import _dispatch
+from mixzoo.ops import _dispatch
 from test_ops import CASES, OPS, _backend, _skip_if_unrunnable
 
 

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from backbones._random import randomize_
-from backbones._weights import read_checkpoint
+from mixzoo._random import randomize_
+from mixzoo._weights import read_checkpoint
 from helpers import official_layout as _official_layout, rel_err
 
 # first keys and shapes of the official release (../shared/OFFICIAL-FACTS.md, tiny)

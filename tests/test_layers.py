@@ -1,14 +1,14 @@
-"""The oneDNN route of linear layers (ops._onednn.linear, backbones.layers.Linear)."""
+"""The oneDNN route of linear layers (ops._onednn.linear, mixzoo.layers.Linear)."""
 import pytest
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backbones  # noqa: F401  (registers the models)
-from backbones import layers
-from ops import _onednn
-from backbones._registry import MODELS, families
+import mixzoo  # noqa: F401  (registers the models)
+from mixzoo import layers
+from mixzoo.ops import _onednn
+from mixzoo._registry import MODELS, families
 
 
 def _onednn_used(monkeypatch):
@@ -77,7 +77,7 @@ def test_every_model_linear_is_the_onednn_linear_with_nn_linear_keys():
 
 
 def test_disabled_scope_and_counting_report_linear_as_addmm(monkeypatch):
-    from backbones._counting import gmacs
+    from mixzoo._counting import gmacs
     x, w = torch.randn(700, 64), torch.randn(32, 64)
     calls = _onednn_used(monkeypatch)
     with _onednn.disabled():

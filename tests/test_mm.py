@@ -17,14 +17,14 @@ for _pkg in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
 
 import timm  # noqa: E402
 
-import backbones  # noqa: E402
-from backbones.mm import MixZooBackbone  # noqa: E402
+import mixzoo  # noqa: E402
+from mixzoo.mm import MixZooBackbone  # noqa: E402
 from helpers import randomize_  # noqa: E402
 from mm_data import COCO_CLASSES, make_ade, make_coco  # noqa: E402
 
 pytestmark = pytest.mark.mm
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / 'configs' / 'mm*' / '*.py')))
-ONE_PER_FAMILY = {m.family: n for n, m in reversed(list(backbones.MODELS.items())) if not m.build_only}
+ONE_PER_FAMILY = {m.family: n for n, m in reversed(list(mixzoo.MODELS.items())) if not m.build_only}
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -41,7 +41,7 @@ def _metafiles_read_once():
 
 
 def _stages(name):
-    return tuple(range(backbones.FAMILIES[backbones.MODELS[name].family].num_stages))
+    return tuple(range(mixzoo.FAMILIES[mixzoo.MODELS[name].family].num_stages))
 
 
 # --- the adapter -----------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_config_builds_and_runs(config):
     backbone and predicts on a small image whose sides are not multiples of 32."""
     from mmengine.config import Config
     cfg = Config.fromfile(str(ROOT / config))
-    assert cfg.custom_imports['imports'] == ['backbones.mm']
+    assert cfg.custom_imports['imports'] == ['mixzoo.mm']
     model = _build(cfg).eval()
     model.init_weights()
     h, w = 90, 150
@@ -238,7 +238,7 @@ def _tool(name):
 
 def _release_checkpoint(tmp_path, name):
     """The timm reference model's random weights saved as a release file (timm layout, 'model' wrapper)."""
-    ref_name = backbones.MODELS[name].reference.split(':', 1)[1]
+    ref_name = mixzoo.MODELS[name].reference.split(':', 1)[1]
     path = tmp_path / f'{ref_name}.pth'
     torch.save({'model': randomize_(timm.create_model(ref_name)).state_dict()}, path)
     return path

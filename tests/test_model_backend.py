@@ -1,14 +1,14 @@
-"""The ``backend=`` model kwarg (backbones.mixers.set_backend): it reaches the op call of every mixer, gives the
+"""The ``backend=`` model kwarg (mixzoo.mixers.set_backend): it reaches the op call of every mixer, gives the
 logits of the MIXZOO_BACKEND way, and a bad name errors naming the valid ones."""
 import pytest
 import timm
 import torch
 
-import backbones  # noqa: F401  (registers the zoo's models)
-from backbones.mixers import OpMixer, set_backend
+import mixzoo  # noqa: F401  (registers the zoo's models)
+from mixzoo.mixers import OpMixer, set_backend
 from helpers import randomize_
-from ops import _dispatch
-from ops._dispatch import BackendError
+from mixzoo.ops import _dispatch
+from mixzoo.ops._dispatch import BackendError
 
 # one small model per op (its family's mixers call that op)
 MODEL_OF_OP = {'neighborhood': 'mz_transnext_micro', 'routing': 'mz_biformer_tiny', 'window': 'mz_davit_tiny',

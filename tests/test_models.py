@@ -1,4 +1,4 @@
-"""The family test template, generated from the zoo's model registry (backbones.MODELS).
+"""The family test template, generated from the zoo's model registry (mixzoo.MODELS).
 
 For every variant whose reference is timm: timm's model with random weights (BN statistics and
 zero-initialised parameters randomised too) is saved to a file and loaded into the zoo through
@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-import backbones
-from backbones import FAMILIES, MODELS
+import mixzoo
+from mixzoo import FAMILIES, MODELS
 from helpers import gmacs, official_layout, param_count, randomize_, rel_err
 
 TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
@@ -60,8 +60,8 @@ def _reference_and_zoo(name, ckpt_dir, **kwargs):
 
 def test_registry_lists_every_registered_model():
     zoo_in_timm = set(timm.list_models('mz_*'))
-    assert set(backbones.list_models()) == zoo_in_timm
-    assert {'poolformer', 'maxvit'} <= set(backbones.families())
+    assert set(mixzoo.list_models()) == zoo_in_timm
+    assert {'poolformer', 'maxvit'} <= set(mixzoo.families())
     for name in zoo_in_timm:
         assert not name.startswith('mz_') or name[3:] not in MODELS, name
 

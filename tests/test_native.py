@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import MISSING_DEP
-from ops import _dispatch, _native, halo_attention
-from ops.halo import cpu
+from mixzoo.ops import _dispatch, _native, halo_attention
+from mixzoo.ops.halo import cpu
 
 _why = cpu.unavailable()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f'{MISSING_DEP}: {_why}')
@@ -112,7 +112,7 @@ def test_switch_and_build_failures_give_reasons(monkeypatch, tmp_path):
 
 def test_jit_trace_records_the_traceable_path():
     """A ctypes call is invisible to torch.jit.trace (its output would be baked in as a constant)."""
-    from backbones.mixers import HaloAttention
+    from mixzoo.mixers import HaloAttention
     m = HaloAttention(16, 16, num_heads=2, block_size=4, halo_size=1).eval()
     x1, x2 = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
     with torch.no_grad():

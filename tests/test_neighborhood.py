@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops import neighborhood_attention
-from ops.neighborhood import geometry as G
+from mixzoo.ops import neighborhood_attention
+from mixzoo.ops.neighborhood import geometry as G
 
 
 def test_axis_windows():
@@ -36,7 +36,7 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
 
 
 def test_torch_backend_across_tiles(monkeypatch):
-    from ops.neighborhood import eager as nb_torch
+    from mixzoo.ops.neighborhood import eager as nb_torch
     q, k, v = (torch.randn(1, 2, 9, 7, 8, dtype=torch.float64) for _ in range(3))
     rpb = torch.randn(2, 5, 5, dtype=torch.float64)
     want = neighborhood_attention(q, k, v, 3, rpb=rpb, backend='reference')
@@ -58,7 +58,7 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize('border,dilation', [('mask', 1), ('mask', 2), ('shift', 1), ('shift', 2)])
 def test_aggregate_is_the_value_sum_of_the_windows(border, dilation):
-    from ops import neighborhood_aggregate
+    from mixzoo.ops import neighborhood_aggregate
     B, h, H, W, k = 1, 2, 7, 6, 3
     w = torch.randn(B, h, H, W, k * k, dtype=torch.float64)
     v = torch.randn(B, h, H, W, 5, dtype=torch.float64)
@@ -78,7 +78,7 @@ def test_aggregate_is_the_value_sum_of_the_windows(border, dilation):
 def test_grid_bias_equals_its_tensor(backend, grad, monkeypatch):
     """A GridBias gives the same outputs and table gradients as the bias tensor it stands for, also when
     the torch backend splits the queries into several tiles."""
-    from ops.neighborhood import GridBias, eager
+    from mixzoo.ops.neighborhood import GridBias, eager
     monkeypatch.setattr(eager, 'TILE_TOKENS', 14)   # 5 x 7 map: 5 tiles of a row
     B, h, H, W, D, ph, pw = 2, 2, 5, 7, 8, 2, 3
     g = torch.Generator().manual_seed(3)

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from backbones import MODELS
+from mixzoo import MODELS
 from helpers import rel_err
 
 _spec = importlib.util.spec_from_file_location(

@@ -11,8 +11,8 @@ from typing import Callable, Dict, List
 import pytest
 import torch
 
-import ops
-from ops import _dispatch
+from mixzoo import ops
+from mixzoo.ops import _dispatch
 from conftest import MISSING_DEP
 
 

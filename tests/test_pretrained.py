@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from backbones import _pretrained
+from mixzoo import _pretrained
 from helpers import official_layout, randomize_, rel_err
 
 # a reduced L2ViT (both block kinds in every stage) keeps the official-layout case small

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-import backbones
-from backbones import MODELS
+import mixzoo
+from mixzoo import MODELS
 from helpers import randomize_, rel_err
 
 # bf16 autocast vs fp32 (max |diff| / max |logit|): no worse than 1.5x the reference model's own
@@ -45,7 +45,7 @@ def models():
 
 
 def test_every_family_has_a_smallest_variant():
-    assert set(SMALLEST) == set(backbones.families())
+    assert set(SMALLEST) == set(mixzoo.families())
 
 
 def _size_params():
@@ -159,7 +159,7 @@ def test_export(name):
 
 def test_triton_op_is_a_custom_op_under_compile():
     """The Triton window kernels are torch custom ops: compile traces them with fullgraph=True."""
-    import ops
+    from mixzoo import ops
     q, k, v = (torch.randn(2, 1, 9, 16) for _ in range(3))
 
     def f(q, k, v):
@@ -239,11 +239,11 @@ def test_checkpoint_of_another_variant_or_family(s12_file):
     sd['head.fc.weight'] = sd['head.fc.weight'][:, :100]
     with pytest.raises(ValueError, match=r'shape mismatch\(es\): head\.fc\.weight: checkpoint \(1000, 100\) '
                                          r'vs model \(1000, 512\)'):
-        backbones.poolformer.checkpoint_filter_fn(sd, timm.create_model('mz_poolformer_s12'))
+        mixzoo.poolformer.checkpoint_filter_fn(sd, timm.create_model('mz_poolformer_s12'))
 
 
 def test_truncated_corrupted_and_unsafe_files(s12_file, tmp_path):
-    from backbones._weights import read_checkpoint
+    from mixzoo._weights import read_checkpoint
     data = s12_file.read_bytes()
     (tmp_path / 'trunc.pth').write_bytes(data[: len(data) // 2])
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint at all' * 10)

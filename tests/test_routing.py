@@ -3,8 +3,8 @@ backend's non-CPU (chunked matmul) path. Backends against `reference` are in tes
 import pytest
 import torch
 
-from ops import bilevel_routing_attention, routed_attention, routing_topk
-from ops.routing import eager, from_regions, region_size, to_regions
+from mixzoo.ops import bilevel_routing_attention, routed_attention, routing_topk
+from mixzoo.ops.routing import eager, from_regions, region_size, to_regions
 
 
 def _qkv(B=2, h=2, R=6, T=5, D=8, Tk=None, Dv=None, dtype=torch.float64, seed=0, grad=False):
@@ -174,10 +174,10 @@ def test_triton_custom_ops_opcheck():
     """The Triton kernels as torch custom ops: fake (meta) shapes, autograd registration and schema agree
     with the real kernels (under the interpreter on CPU)."""
     pytest.importorskip('triton', reason='missing dependency: triton')
-    from ops._dispatch import triton_unavailable
+    from mixzoo.ops._dispatch import triton_unavailable
     if triton_unavailable():
         pytest.skip('backend cannot run here: ' + triton_unavailable())
-    from ops.routing import triton as rt
+    from mixzoo.ops.routing import triton as rt
     q, k, v = _qkv(B=1, h=2, R=3, T=4, D=8, Tk=5, Dv=16, dtype=torch.float32, grad=True)
     idx = torch.tensor([[[2, 0], [1, 1], [0, 2]]])
     torch.library.opcheck(rt._fwd_op, (q, k, v, idx, 0.3))

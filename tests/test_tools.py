@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-import backbones
-from backbones import MODELS, _pretrained
+import mixzoo
+from mixzoo import MODELS, _pretrained
 from helpers import official_layout, randomize_, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +179,7 @@ def _reference_layouts(name, tmp_path):
     return path, ref
 
 
-@pytest.mark.parametrize('family', sorted(backbones.families()))
+@pytest.mark.parametrize('family', sorted(mixzoo.families()))
 def test_convert_round_trip_every_family(family, tmp_path):
     from safetensors.torch import load_file
     name = next(n for n, m in MODELS.items() if m.family == family and not m.build_only)
@@ -207,7 +207,7 @@ def test_convert_refuses_mismatch_and_bad_sha(tmp_path, capsys):
 
 def test_manifest_lists_every_model_and_parses():
     man = _pretrained.manifest()
-    assert set(man['models']) == set(backbones.list_models())
+    assert set(man['models']) == set(mixzoo.list_models())
     for name, entry in man['models'].items():
         assert entry['family'] == MODELS[name].family and entry['reference'] == MODELS[name].reference
         ref = MODELS[name].reference.split(':', 1)[1]
@@ -278,7 +278,7 @@ def test_benchmark_runs_models_and_op_tables(capsys):
     assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1']) == 0
     out = capsys.readouterr().out
     assert 'timm HaloAttn' in out and 'zoo mixer [torch] NHWC' in out
-    from ops.halo import cpu
+    from mixzoo.ops.halo import cpu
     assert ('zoo mixer [cpu]' in out) == (cpu.unavailable() is None)
     assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1', '--backward']) == 0
     out = capsys.readouterr().out
@@ -291,7 +291,7 @@ def test_benchmark_header_progress_and_quick_mode(capsys, monkeypatch):
     import benchmark
     import machine
     quick = benchmark.quick_models()
-    assert sorted(MODELS[n].family for n in quick) == backbones.families()
+    assert sorted(MODELS[n].family for n in quick) == mixzoo.families()
     for n in quick:
         others = [m.gmacs for m in MODELS.values() if m.family == MODELS[n].family and not m.build_only and m.gmacs]
         assert not MODELS[n].build_only and MODELS[n].gmacs == min(others), n

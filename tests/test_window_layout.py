@@ -3,7 +3,7 @@ convention, checked against explicit definitions and timm's TF-MaxViT bias."""
 import pytest
 import torch
 
-from ops.window import pad_map, padded_size, padding_key_mask, partition, relative_position_index, unpartition
+from mixzoo.ops.window import pad_map, padded_size, padding_key_mask, partition, relative_position_index, unpartition
 
 
 @pytest.mark.parametrize('mode', ['block', 'grid'])
@@ -35,7 +35,7 @@ def test_padding_key_mask_marks_exactly_the_padding(mode):
 
 def test_relative_position_bias_matches_timm_tf_maxvit():
     from timm.layers.pos_embed_rel import RelPosBiasTf as TimmBias
-    from backbones.mixers import RelPosBiasTf
+    from mixzoo.mixers import RelPosBiasTf
     for win in [(7, 7), (3, 5)]:
         t = TimmBias(win, num_heads=3)
         z = RelPosBiasTf(win, num_heads=3)

@@ -1,8 +1,7 @@
 """What tools/train.py and tools/test.py share: read a config the way mmdet's / mmseg's tools do,
-with the zoo importable (its custom_imports resolve from a clone without installing it)."""
+with the zoo's adapter registered (the configs' custom_imports name ``mixzoo.mm``)."""
 import argparse
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +20,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_config(args):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import backbones.mm  # noqa: F401  (registers MixZooBackbone; mmengine checkpoints load on torch>=2.6)
+    from _zoo import mixzoo  # noqa: F401  (an error saying how to install it where it is not)
+    import mixzoo.mm  # noqa: F401  (registers MixZooBackbone; mmengine checkpoints load on torch>=2.6)
     from mmengine.config import Config
     cfg = Config.fromfile(args.config)
     if args.cfg_options:

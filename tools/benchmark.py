@@ -31,14 +31,13 @@ from functools import partial
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
-import backbones  # noqa: E402,F401  (registers the models)
-from backbones._counting import gmacs, param_count  # noqa: E402
+from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
+from mixzoo._counting import gmacs, param_count  # noqa: E402
 from machine import describe  # noqa: E402  (tools/ is on sys.path: this script's folder)
 from opbench import best_time  # noqa: E402
-from backbones import MODELS  # noqa: E402
+from mixzoo import MODELS  # noqa: E402
 
 
 @contextmanager

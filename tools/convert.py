@@ -16,10 +16,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import backbones  # noqa: E402,F401
-from backbones import _pretrained  # noqa: E402
-from backbones._convert import convert, sha256_file  # noqa: E402
+from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
+from mixzoo import _pretrained  # noqa: E402
+from mixzoo._convert import convert, sha256_file  # noqa: E402
 
 
 def manifest_sha(name, path):
@@ -43,7 +42,7 @@ def main(argv=None):
     from safetensors.torch import save_file
 
     try:
-        backbones.check_model_name(args.model)
+        mixzoo.check_model_name(args.model)
     except ValueError as e:
         p.error(str(e))
     digest = sha256_file(args.checkpoint)

@@ -10,11 +10,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 from timm.models import get_pretrained_cfg  # noqa: E402
 
-from backbones import MODELS  # noqa: E402
+from mixzoo import MODELS  # noqa: E402
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'checkpoints', 'manifest.json')
 # the authors' own release files, for the families whose official layout the zoo converts

@@ -8,8 +8,8 @@ that size where it is tied to one).
         [--size 224] [--batch 8] [--reps 5] [--memory-size 1024]
 
 The official code is imported first, from the recipe in tools/official/<family>.py (which declares
-VARIANTS = {variant: zoo name} and build_variant(repo, variant, size)); official top-level packages whose
-names clash with the zoo's (BiFormer has an ``ops``) are moved aside in sys.modules before the zoo loads.
+VARIANTS = {variant: zoo name} and build_variant(repo, variant, size)), then the zoo (``mixzoo``, whose
+namespace cannot clash with an official repository's top-level packages such as BiFormer's ``ops``).
 Peak memory: tools/opbench.peak_mb (on CPU the running sum of the profiler's per-op allocations).
 """
 import argparse
@@ -19,21 +19,11 @@ from pathlib import Path
 import torch
 
 import machine   # (this script's folder is on sys.path; no zoo import)
-from make_official_fixture import HERE, ROOT, official as recipes
+from make_official_fixture import official as recipes
 
 
 def cpu_model() -> str:
     return f'{machine.cpu_model()}, {torch.get_num_threads()} torch threads, allocator: {machine.allocator()}'
-
-
-def set_aside_clashing_modules(zoo_packages=('ops', 'backbones', 'tools')):
-    """Official top-level modules named like the zoo's packages go to sys.modules['_official_<name>']."""
-    for k in list(sys.modules):
-        top = k.split('.')[0]
-        mod = sys.modules[k]
-        f = getattr(mod, '__file__', None) or ''
-        if top in zoo_packages and not f.startswith(str(ROOT)):
-            sys.modules[f'_official_{k}'] = sys.modules.pop(k)
 
 
 def main(argv=None):
@@ -51,13 +41,9 @@ def main(argv=None):
     repo = str(args.official_repo.resolve())
     name = rec.VARIANTS[args.variant]
     official = rec.build_variant(repo, args.variant, (args.size, args.size))
-    set_aside_clashing_modules()
-    sys.path[:] = [p for p in sys.path if not p.startswith(repo)]
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(HERE))
     import timm
-    import backbones  # noqa: F401
-    from backbones._random import randomize_
+    import mixzoo  # noqa: F401
+    from mixzoo._random import randomize_
     from opbench import best_time, peak_mb
 
     randomize_(official)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ops import _dispatch
+from mixzoo.ops import _dispatch
 
 
 @contextmanager
@@ -111,7 +111,7 @@ def _call(fn, backward, *tensors):
 
 
 def window(args):
-    from ops import window_attention
+    from mixzoo.ops import window_attention
     dev, dt = args.device, getattr(torch, args.dtype)
     # MaxViT-T stage 1: 56x56 map, 7x7 windows, 2 heads of 32, batch 8 at 224
     B, H, N, D = args.batch_size * 64, 2, 49, 32
@@ -127,7 +127,7 @@ def window(args):
 def halo(args):
     from timm.layers.halo_attn import HaloAttn
 
-    from backbones.mixers import HaloAttention
+    from mixzoo.mixers import HaloAttention
     dev, dt = args.device, getattr(torch, args.dtype)
     for img in (256, 224):
         hw = img // 16
@@ -162,7 +162,7 @@ def halo(args):
 
 
 def neighborhood(args):
-    from ops import neighborhood_attention
+    from mixzoo.ops import neighborhood_attention
     dev, dt = args.device, getattr(torch, args.dtype)
     # TransNeXt-T stage 1: 3 heads of 24, 3x3 window + pooled keys (map / 8 per side), one image
     for img in (224, 1024):
@@ -183,7 +183,7 @@ def neighborhood(args):
 
 
 def routing(args):
-    from ops import routed_attention
+    from mixzoo.ops import routed_attention
     dev, dt = args.device, getattr(torch, args.dtype)
     # BiFormer-T stage 1: 2 heads of 32, n_win 7 (the map padded to a multiple of 7), topk 1, scale qk_dim^-0.5;
     # the 1024 input at batch 1 (a 37x37-token region's logits are 1369^2 per head: the reference needs GBs)
@@ -203,7 +203,7 @@ def routing(args):
 
 
 def linear(args):
-    from ops import linear_attention
+    from mixzoo.ops import linear_attention
     dev, dt = args.device, getattr(torch, args.dtype)
     # L2ViT-T's linear-attention blocks: stage 1 (3 heads, 56x56 tokens) and stage 3 (12 heads, 14x14) at 224,
     # stage 1 at 1024 (256x256 tokens, batch 1; the reference's (N x N) similarities would need 50 GB there);

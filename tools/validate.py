@@ -27,14 +27,13 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config  # noqa: E402
 
-import backbones  # noqa: E402
-from backbones._convert import convert  # noqa: E402
-from backbones._registry import check_model_name  # noqa: E402
-import ops  # noqa: E402
+from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
+from mixzoo._convert import convert  # noqa: E402
+from mixzoo._registry import check_model_name  # noqa: E402
+from mixzoo import ops  # noqa: E402
 
 IMG_EXT = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
@@ -227,9 +226,9 @@ def main(argv=None):
     names = []
     for pat in args.model:
         if any(c in pat for c in '*?['):
-            found = [n for n in backbones.list_models() if fnmatch.fnmatch(n, pat)]
+            found = [n for n in mixzoo.list_models() if fnmatch.fnmatch(n, pat)]
             if not found:
-                p.error(f'no zoo model matches {pat!r}; known: {", ".join(backbones.list_models())}')
+                p.error(f'no zoo model matches {pat!r}; known: {", ".join(mixzoo.list_models())}')
         else:
             try:
                 found = [check_model_name(pat)]     # an unknown name: the error lists close matches

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ops import neighborhood_attention
-from ops.neighborhood import GridBias
-from ops.neighborhood.geometry import windows as window_geometry
+from ..ops import neighborhood_attention
+from ..ops.neighborhood import GridBias
+from ..ops.neighborhood.geometry import windows as window_geometry
 
 from .base import OpMixer
 

@@ -4,7 +4,7 @@ from typing import Mapping, Optional, Union
 
 import torch.nn as nn
 
-from ops._dispatch import check_spec, parse_spec
+from ..ops._dispatch import check_spec, parse_spec
 
 BackendSpec = Union[None, str, Mapping[str, str]]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.layers import make_divisible, trunc_normal_
 
-from ops.halo import halo_attention
+from ..ops.halo import halo_attention
 
 from .base import OpMixer
 

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ops.linear import linear_attention
+from ..ops.linear import linear_attention
 
 from .base import OpMixer
 

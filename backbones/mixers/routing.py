@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ops.routing import bilevel_routing_attention, from_regions, to_regions
-from ops.window import padded_size, window_attention
+from ..ops.routing import bilevel_routing_attention, from_regions, to_regions
+from ..ops.window import padded_size, window_attention
 
 from .base import OpMixer
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
-from ops.window import (pad_map, padded_size, padding_key_mask, partition, relative_position_index,
+from ..ops.window import (pad_map, padded_size, padding_key_mask, partition, relative_position_index,
                         unpartition, window_attention)
 
 from .base import OpMixer

@@ -6,9 +6,6 @@ of its n_win = 7 region grid, i.e. inputs that are multiples of 16 * 7 = 112: th
 the released hyper-parameters that shape the computation: n_win 7, top-k 1 / 4 / 16 (routing to several
 regions in stages 2 and 3), the stage-4 global attention with LePE and its 8 heads, the qk_dim ** -0.5
 scale, mlp ratio 3; widths and depths are cut, and head_dim 16 gives two heads already in stage 1.
-
-The official code's top-level ``ops`` and ``models`` packages would shadow the zoo's ``ops`` in one
-process: tools/make_official_fixture.py runs it without the zoo.
 """
 import sys
 

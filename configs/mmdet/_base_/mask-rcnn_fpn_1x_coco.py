@@ -6,4 +6,4 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
-custom_imports = dict(imports=['backbones.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['mixzoo.mm'], allow_failed_imports=False)

@@ -6,7 +6,7 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_160k.py',
     'mmseg::_base_/default_runtime.py',
 ]
-custom_imports = dict(imports=['backbones.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['mixzoo.mm'], allow_failed_imports=False)
 crop_size = (512, 512)
 # (pretrained=None: mmseg's EncoderDecoder would hand the ResNet base's URL to the backbone)
 model = dict(data_preprocessor=dict(size=crop_size), pretrained=None,
