@@ -132,6 +132,7 @@ class StagedModelMixin:
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
+        before = set(self.state_dict())
         n = self._num_feature_taps()
         take, max_index = feature_take_indices(n, indices)
         off = int(self.stem_is_feature)
@@ -143,4 +144,6 @@ class StagedModelMixin:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
             self.reset_classifier(0, '', reset_other=True)
+        # what a checkpoint of the whole model may hold beyond this model (mixzoo._weights drops it)
+        self.pruned_keys = frozenset(before - set(self.state_dict())) | getattr(self, 'pruned_keys', frozenset())
         return take

@@ -1,17 +1,31 @@
-"""The one record of each family: what the zoo knows about it, declared once in the family's file.
+"""The one record of each family: what the zoo knows about it, declared once at the end of its file.
 
-``register_family(Family(...), __name__)`` registers every variant in timm (an entrypoint per variant,
-its pretrained cfgs) and in the zoo (``MODELS``, ``FAMILIES``). Everything else reads the record: the
-builder (class, out_indices), the checkpoint loader (renames / filter), the tests (reference model,
-sizes, slow marks, published and official figures), tools/benchmark.py, tools/manifest.py and
-tools/gen_configs.py.
+``register_family(Family(...), __name__)`` (mixzoo._builder) registers every variant in timm and here
+(``MODELS``, ``FAMILIES``). Everything else reads the record: the builder (class, out_indices), the
+checkpoint loader (renames / transform), the downloads (release files), the tests (reference model,
+sizes, slow marks, published and official figures), tools/benchmark.py and the generated files
+(checkpoints/manifest.json, configs/, the README's model table: ``python tools/generate.py``).
+This module holds data and lookups only: it imports neither the builder nor the loader.
 """
 import difflib
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._renames import Renames
+
+
+@dataclass(frozen=True)
+class Release:
+    """A checkpoint file the authors publish themselves (outside timm's hub), in their layout."""
+    url: str
+    file: Optional[str] = None        # the name it is kept under (default: the URL's last part)
+    tag: str = 'in1k'                 # the pretrained tag it is a source of
+    layout: str = 'official'
+    sha256: Optional[str] = None      # where the authors state one (downloads are checked against it)
+
+    @property
+    def filename(self) -> str:
+        return self.file or self.url.rsplit('/', 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -32,7 +46,16 @@ class ModelInfo:
     gmacs_tol: float = 0.02           # published GMACs tolerance (where the paper counts differently)
     official_params: Optional[int] = None   # measured with the official code (official-reference families)
     official_keys: Optional[int] = None     # size of the official state dict
+    release: Optional[Release] = None       # the authors' own file (timm references: a second source)
     doc: str = ''
+
+    @property
+    def reference_kind(self) -> str:
+        return self.reference.split(':', 1)[0]
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference.split(':', 1)[1]
 
 
 def variant(name: str, reference: str, published: Tuple = (None, None, None), **kw) -> ModelInfo:
@@ -42,58 +65,69 @@ def variant(name: str, reference: str, published: Tuple = (None, None, None), **
 
 
 @dataclass(frozen=True)
+class Dense:
+    """A family's detection / segmentation recipe: tools/generate.py writes configs/mmdet and configs/mmseg
+    from it (mmdet's / mmseg's own base configs, the zoo backbone, the recipe's optimizer and schedule).
+
+    ``variants``: (zoo name, short name used in config file names); the first variant's configs are the base
+    of the others'. ``det`` / ``seg``: ``optimizer`` (AdamW kwargs; absent = the mm base schedule's SGD),
+    ``no_decay`` (paramwise custom_keys), ``norm_eval``, ``backbone`` (adapter options for that task), and
+    for ``seg`` ``poly_power`` and ``warmup`` (iterations). ``methods``: per-method overrides of those
+    ('mask-rcnn', 'retinanet', 'upernet', 'fpn'). ``drop_path``: per task ('det' / 'seg') or method, one
+    rate per variant. ``published``: {(short name, method): the authors' published figure}."""
+    variants: Tuple[Tuple[str, str], ...]
+    note: str                                        # where the recipe comes from
+    backbone: Dict = field(default_factory=dict)     # MixZooBackbone options of every config
+    det: Dict = field(default_factory=dict)
+    seg: Dict = field(default_factory=dict)
+    methods: Dict = field(default_factory=dict)
+    drop_path: Dict = field(default_factory=dict)
+    published: Dict = field(default_factory=dict)
+
+
+# Swin's dense-task settings (AdamW, no decay on norms / relative-position tables, a LayerNorm per output),
+# the recipe of the families without official dense configs of their own
+_SWIN_NO_DECAY = {'norm': dict(decay_mult=0.0), 'rel_pos': dict(decay_mult=0.0),
+                  'relative_position': dict(decay_mult=0.0)}
+SWIN_DENSE = dict(
+    backbone=dict(out_norm='ln'),
+    drop_path=dict(det=(0.2, 0.3), seg=(0.3, 0.3)),
+    det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05), no_decay=_SWIN_NO_DECAY),
+    seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), no_decay=_SWIN_NO_DECAY,
+             poly_power=1.0, warmup=1500))
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     cls: type
     variants: Sequence[ModelInfo]
-    cfg: Dict                                   # pretrained-cfg fields of every variant (backbones._builder.base_cfg)
+    cfg: Dict                                   # pretrained-cfg fields of every variant (mixzoo._builder.base_cfg)
     out_indices: Tuple[int, ...] = (0, 1, 2, 3)  # default features_only taps (feature_info indices)
     renames: Optional[Renames] = None           # release layout -> zoo keys, where names are all that differ
     transform: Optional[Callable] = None        # (state_dict, model) -> state_dict: reshapes/resizes after renames
     second_size: Callable[[int], Tuple[int, int]] = lambda s: (193, 257)   # the tests' second input size
     num_stages: int = 4
     checkpoint_entries: Tuple[str, ...] = ('model',)   # entries of a training checkpoint one can load
+    dense: Optional[Dense] = None               # detection / segmentation recipe
 
     @property
     def official(self) -> bool:
         return self.variants[0].reference.startswith('official:')
-
-    def filter(self, state_dict, model):
-        """timm's ``checkpoint_filter_fn``: any layout the family reads -> the model's, matched."""
-        from ._weights import prepare_state_dict
-        return prepare_state_dict(state_dict, model, self)
 
 
 MODELS: Dict[str, ModelInfo] = {}
 FAMILIES: Dict[str, Family] = {}
 
 
-def register_family(fam: Family, module: str) -> Family:
-    """Register every variant of ``fam`` in timm (entrypoints defined in ``module``, the family's file, so
-    timm lists them under it) and in the zoo."""
-    from timm.models import generate_default_cfgs, register_model
-
-    from ._builder import base_cfg, create_model
-    mod = sys.modules[module]
-    variants = [ModelInfo(**{**v.__dict__, 'family': fam.name}) for v in fam.variants]
-    fam = Family(**{**fam.__dict__, 'variants': tuple(variants)})
-    mod.default_cfgs = generate_default_cfgs({
-        f'{v.name}.{v.tag}' if v.tag else v.name: base_cfg(**{**fam.cfg, **v.cfg}) for v in variants})
+def add_family(fam: Family) -> Family:
+    """The record with its variants stamped with the family name, entered in MODELS and FAMILIES."""
+    variants = tuple(ModelInfo(**{**v.__dict__, 'family': fam.name}) for v in fam.variants)
+    fam = Family(**{**fam.__dict__, 'variants': variants})
     for v in variants:
-        entrypoint = _entrypoint(fam, v, create_model)
-        entrypoint.__name__ = entrypoint.__qualname__ = v.name
-        entrypoint.__module__ = module
-        entrypoint.__doc__ = v.doc or f'{fam.cls.__name__} {v.name[3:]} ({v.reference}).'
-        setattr(mod, v.name, register_model(entrypoint))
         MODELS[v.name] = v
     FAMILIES[fam.name] = fam
     return fam
-
-
-def _entrypoint(fam: Family, v: ModelInfo, create_model):
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return create_model(fam, v.name, pretrained, **{**v.arch, **kwargs})
-    return entrypoint
 
 
 def family_of(model_or_name) -> Family:

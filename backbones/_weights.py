@@ -1,5 +1,8 @@
-"""Reading checkpoint files safely and unwrapping the containers training scripts save."""
-from typing import Dict, Mapping
+"""The one loading path of every tool: read (safe reader, containers unwrapped) -> prepare (the family's
+renames / transform, one match) -> load (timm's head / first-conv rules). ``create_model(pretrained=True)``,
+tools/convert.py, tools/validate.py and the mm adapter all go through ``read_checkpoint`` and
+``load_state_dict``; where the file comes from is mixzoo._pretrained's (resolve / download)."""
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -28,15 +31,19 @@ def _model_name(model) -> str:
     return cfg.get('architecture') or type(model).__name__
 
 
+def _prefix(cfg: Dict, key: str) -> Optional[str]:
+    return f'{cfg[key]}.' if isinstance(cfg.get(key), str) else None
+
+
 def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Return ``state_dict`` if it fits ``model`` exactly; else raise a ValueError that lists the
-    missing and unexpected keys and the shape mismatches (a checkpoint of another family or variant)."""
+    """Return ``state_dict`` if it fits ``model``; else raise a ValueError that lists the missing and
+    unexpected keys and the shape mismatches (a checkpoint of another family or variant). Fitting allows
+    what loading adapts (a classifier of another class count or none, a first conv of other input channels)
+    and the keys of parts the model has pruned (``model.pruned_keys``: features_only, the mm adapter)."""
     own = model.state_dict()
+    pruned = getattr(model, 'pruned_keys', frozenset())
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    # timm adapts these after the filter: a classifier for another class count is dropped (or the
-    # head removed, num_classes=0), the first conv adapted to in_chans != 3
-    classifier = f"{cfg['classifier']}." if isinstance(cfg.get('classifier'), str) else None
-    first_conv = f"{cfg['first_conv']}." if isinstance(cfg.get('first_conv'), str) else None
+    classifier, first_conv = _prefix(cfg, 'classifier'), _prefix(cfg, 'first_conv')
 
     def adapted(k, a=None, b=None):
         if classifier and k.startswith(classifier):
@@ -45,7 +52,7 @@ def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
             return a[0] == b[0] and tuple(a[2:]) == tuple(b[2:])                 # input channels only
         return False
     missing = [k for k in own if k not in state_dict and not adapted(k)]
-    unexpected = [k for k in state_dict if k not in own and not adapted(k)]
+    unexpected = [k for k in state_dict if k not in own and k not in pruned and not adapted(k)]
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
               for k, v in own.items()
               if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
@@ -64,14 +71,11 @@ def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
     return state_dict
 
 
-def prepare_state_dict(state_dict: Mapping, model: torch.nn.Module, fam=None) -> Dict[str, torch.Tensor]:
-    """The one conversion of a checkpoint for ``model``: open its containers, read it in the layout that fits
-    (as is, or through the family's rename table), apply the family's transform (reshapes, resized tables),
-    and match it once against the model (a ValueError naming every mismatch otherwise)."""
-    if fam is None:
-        from ._registry import family_of
-        fam = family_of(model)
-    sd = unwrap_state_dict(state_dict)
+def prepare_state_dict(state_dict: Mapping, model: torch.nn.Module, fam) -> Dict[str, torch.Tensor]:
+    """The one conversion of a (read, unwrapped) checkpoint for ``model`` of family record ``fam``: the
+    layout that fits (as is, or through the family's rename table), the family's transform (reshapes,
+    resized tables), and one match against the model (a ValueError naming every mismatch otherwise)."""
+    sd = dict(state_dict)
     if fam.renames is not None:
         own = model.state_dict()
         renamed = fam.renames.to_zoo(sd)
@@ -80,6 +84,37 @@ def prepare_state_dict(state_dict: Mapping, model: torch.nn.Module, fam=None) ->
     if fam.transform is not None:
         sd = fam.transform(sd, model)
     return match_state_dict(sd, model)
+
+
+def load_state_dict(model: torch.nn.Module, state_dict: Mapping, fam, classes: str = 'model') -> torch.nn.Module:
+    """Prepare ``state_dict`` (read and unwrapped: ``read_checkpoint``) for ``model`` and load it.
+
+    As timm's loader does, a classifier of another class count is left out (the model keeps its own,
+    freshly initialised head; none where num_classes=0) and a first conv of 3 input channels is adapted to
+    the model's ``in_chans``; ``classes='checkpoint'`` instead resizes the model's head to the checkpoint's
+    class count (converting / evaluating a fine-tuned checkpoint). Keys of pruned parts are dropped."""
+    sd = prepare_state_dict(state_dict, model, fam)
+    own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier, first_conv = _prefix(cfg, 'classifier'), _prefix(cfg, 'first_conv')
+    head = {k: v for k, v in sd.items() if classifier and k.startswith(classifier)}
+    rows = next((v.shape[0] for k, v in head.items() if k.endswith('weight')), None)
+    if classes == 'checkpoint' and rows is not None and rows != getattr(model, 'num_classes', rows):
+        model.reset_classifier(rows)
+        own = model.state_dict()
+    elif classes not in ('model', 'checkpoint'):
+        raise ValueError(f"classes must be 'model' or 'checkpoint', got {classes!r}")
+    drop = {k for k, v in head.items() if k not in own or own[k].shape != v.shape}
+    for k, v in list(sd.items()):
+        if first_conv and k.startswith(first_conv) and k in own and v.ndim == 4 and v.shape[1] != own[k].shape[1]:
+            from timm.models import adapt_input_conv
+            sd[k] = adapt_input_conv(own[k].shape[1], v)
+    kept = {k: v for k, v in sd.items() if k in own and k not in drop}
+    missing = set(own) - set(kept)
+    if missing - {k for k in own if classifier and k.startswith(classifier)}:   # (match_state_dict said so)
+        raise ValueError(f'{_model_name(model)}: keys left unloaded: {sorted(missing)[:8]}')
+    model.load_state_dict(kept, strict=not missing)
+    return model
 
 
 def read_checkpoint(path: str, prefer: str = 'model') -> Dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, Mlp
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import SWIN_DENSE, Dense, Family, Release, variant
 from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers.routing import BiLevelRoutingAttention, GlobalAttentionLePE
@@ -171,11 +172,34 @@ _OFFICIAL = {'tiny': (13_142_760, 264), 'small': (25_536_232, 518), 'base': (56_
 
 # official evaluation (datasets.py): resize 256 bicubic, centre crop 224, ImageNet mean / std; the release files
 # keep an EMA beside the weights (checkpoint_entry='model_ema'; 'model' is what the official loader reads)
+# the OneDrive links of rayleizhu/BiFormer's README (models/biformer.py model_urls); the file name is the one its
+# loader saves them under ({'model': state_dict, ...})
+_ONEDRIVE = {'tiny': 's!AkBbczdRlZvChHEOoGkgwgQzEDlM', 'small': 's!AkBbczdRlZvChHDyM-x9KWRBZ832',
+             'base': 's!AkBbczdRlZvChHI_XPhoadjaNxtO'}
+# rayleizhu/BiFormer's dense configs of BiFormer-S (no official BiFormer-T ones: T takes S's); published: its
+# detection / segmentation READMEs (S-FPN from semantic_segmentation/README.md; BiFormer-S only)
+DENSE = Dense(
+    variants=(('mz_biformer_tiny', 'biformer-tiny'), ('mz_biformer_small', 'biformer-small')),
+    backbone=dict(out_norm='ln'),   # the official dense backbone adds a LayerNorm2d per output (extra_norms)
+    drop_path={'det': (0.2, 0.2), 'upernet': (0.3, 0.3), 'fpn': (0.15, 0.15)},
+    det=dict(SWIN_DENSE['det'], backbone=dict(n_win=16)),
+    seg=dict(SWIN_DENSE['seg'], backbone=dict(n_win=8)),
+    methods={'retinanet': dict(optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4), no_decay=None),
+             'fpn': dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), no_decay=None,
+                         poly_power=0.9, warmup=0)},
+    note='rayleizhu/BiFormer dense configs of BiFormer-S (auto_pad, region grid n_win 16 for detection, 8 for '
+         'segmentation; Mask R-CNN AdamW 1e-4 wd 0.05 no decay on norms, RetinaNet AdamW 1e-4 wd 1e-4, UperNet '
+         'AdamW 6e-5 wd 0.01 poly 1.0 warmup 1500, S-FPN AdamW 2e-4 wd 1e-4 but poly 0.9 here where the '
+         'official one is cosine with warmup; their fp16 not set)',
+    published={('biformer-small', 'mask-rcnn'): '47.8 / 43.2', ('biformer-small', 'retinanet'): '45.9 AP',
+               ('biformer-small', 'upernet'): '49.8 mIoU', ('biformer-small', 'fpn'): '48.9 mIoU'})
+
 FAMILY = register_family(Family(
     'biformer', BiFormer, cfg=dict(crop_pct=0.875, first_conv='stages.0.downsample.0', classifier='head.fc'),
-    renames=RENAMES, checkpoint_entries=('model', 'model_ema'),
+    renames=RENAMES, checkpoint_entries=('model', 'model_ema'), dense=DENSE,
     variants=[variant(f'mz_biformer_{a}', 'official:rayleizhu/BiFormer', _PUBLISHED[a], arch=arch,
                       build_only=a == 'base', slow=a == 'small', official_params=_OFFICIAL[a][0],
-                      official_keys=_OFFICIAL[a][1])
+                      official_keys=_OFFICIAL[a][1],
+                      release=Release(f'https://api.onedrive.com/v1.0/shares/{_ONEDRIVE[a]}/root/content',
+                                      file=f'biformer_{a}_in1k.pth'))
               for a, arch in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import SWIN_DENSE, Dense, Family, variant
 from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers import ChannelAttention, PartitionAttention
@@ -171,10 +172,18 @@ _ARCH = {
 }
 _PUBLISHED = {'tiny': (28.3, 4.5, 82.8), 'small': (49.7, 8.8, 84.2), 'base': (87.9, 15.5, 84.6)}
 
+# Swin's dense-task recipe, which the DaViT paper follows; published: the paper's COCO / ADE20K tables
+DENSE = Dense(
+    variants=(('mz_davit_tiny', 'davit-tiny'), ('mz_davit_small', 'davit-small')), **SWIN_DENSE,
+    note="Swin's dense-task recipe, which the DaViT paper follows",
+    published={('davit-tiny', 'retinanet'): '44.0 AP', ('davit-small', 'retinanet'): '46.0 AP',
+               ('davit-tiny', 'mask-rcnn'): '45.0 / 41.1', ('davit-small', 'mask-rcnn'): '47.7 / 42.9',
+               ('davit-tiny', 'upernet'): '46.3 mIoU', ('davit-small', 'upernet'): '48.8 mIoU'})
+
 FAMILY = register_family(Family(
     'davit', DaVit, cfg=dict(crop_pct=0.95, first_conv='stem.conv', classifier='head.fc'), renames=RENAMES,
+    dense=DENSE,
     variants=[variant(f'mz_davit_{a}', f'timm:davit_{a}', _PUBLISHED.get(a, (None,) * 3), arch=arch,
                       tag='msft_in1k' if a in _PUBLISHED else '', build_only=a not in ('tiny', 'small'),
                       slow=a == 'small')
               for a, arch in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

@@ -15,8 +15,9 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d, ClassifierHead, DropPath, SEModule, make_divisible
 from timm.models import checkpoint_seq
 
+from ._builder import register_family
 from ._features import StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import Dense, Family, Release, variant
 from .layers import FoldedConvNormAct as ConvNormAct
 from .layers import drop_path_rates
 from .mixers import HaloAttention
@@ -220,12 +221,16 @@ _PUBLISHED = {'halonet26t': (12.5, 3.19, 79.1)}
 _TAGS = {'halonet_h1': 'untrained', 'halonet26t': 'a1h_in1k', 'sehalonet33ts': 'ra2_in1k', 'halonet50ts': 'a1h_in1k'}
 
 # timm's layout (its ByobNet keys; the original rwightman release files are timm's): nothing to rename
+# no official dense configs: mmdet's / mmseg's ResNet recipe (BN backbone, the mm base schedules' SGD)
+DENSE = Dense(variants=(('mz_halonet26t', 'halonet26t'), ('mz_halonet50ts', 'halonet50ts')),
+              backbone=dict(frozen_stages=1), det=dict(norm_eval=True),
+              note="no official dense configs: mmdet's / mmseg's ResNet recipe (BN backbone)")
+
 FAMILY = register_family(Family(
     'halonet', HaloNet, cfg=dict(input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.95,
                                  first_conv='stem.conv1.conv', classifier='head.fc'),
-    second_size=lambda s: (2 * s, s),     # timm's halo attention needs multiples of 8 x 32
+    dense=DENSE, second_size=lambda s: (2 * s, s),     # timm's halo attention needs multiples of 8 x 32
     variants=[variant(f'mz_{n}', f'timm:{n}', _PUBLISHED.get(n, (None,) * 3), arch=dict(cfg=cfg), tag=_TAGS[n],
                       img_size=256, cfg=dict(crop_pct=0.94) if n in ('sehalonet33ts', 'halonet50ts') else {},
                       slow=n in ('halonet50ts', 'halonet_h1', 'sehalonet33ts'))
               for n, cfg in CFGS.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

@@ -28,8 +28,9 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
 
 from .ops._dispatch import tracing
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import Dense, Family, Release, variant
 from ._renames import Rename, Renames
 from .layers import FoldedConvNormAct, drop_path_rates, trunc_normal_init
 from .mixers.linear import LinearAttention
@@ -239,11 +240,24 @@ _OFFICIAL = {'tiny': (28_596_781, 284), 'small': (50_199_157, 536), 'base': (88_
 
 # the release files are training checkpoints {'model', 'model_ema', 'optimizer', ...}: 'model' is loaded (what the
 # official evaluation reads) unless checkpoint_entry='model_ema'
+# ChuanyangZheng/L2ViT's dense configs (AdamW, no decay exemptions; its multi-scale det train pipeline not
+# copied); Semantic FPN, which it has no config for: UperNet's optimizer
+DENSE = Dense(
+    variants=(('mz_l2vit_tiny', 'l2vit-tiny'), ('mz_l2vit_small', 'l2vit-small')),
+    backbone=dict(out_norm='ln'),   # the official dense backbone adds a LayerNorm per output (norm{i})
+    drop_path=dict(det=(0.1, 0.1), seg=(0.3, 0.3)),
+    det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)),
+    seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), poly_power=1.0,
+             warmup=1500),
+    note='ChuanyangZheng/L2ViT dense configs (AdamW, no decay exemptions; its multi-scale det train '
+         "pipeline not copied); Semantic FPN, which it has no config for: UperNet's optimizer")
+# GitHub release v1.0: {'model', 'model_ema', 'optimizer', ...}
+_RELEASE = 'https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/L2ViT-{}-checkpoint-best-ema.pth'
+
 FAMILY = register_family(Family(
     'l2vit', L2ViT, cfg=dict(crop_pct=0.875, first_conv='stem.conv1.conv', classifier='head.fc'), renames=RENAMES,
-    checkpoint_entries=ENTRIES,
+    checkpoint_entries=ENTRIES, dense=DENSE,
     variants=[variant(f'mz_l2vit_{a}', 'official:ChuanyangZheng/L2ViT', _PUBLISHED[a], arch=arch,
                       build_only=a == 'base', slow=a == 'small', official_params=_OFFICIAL[a][0],
-                      official_keys=_OFFICIAL[a][1])
+                      official_keys=_OFFICIAL[a][1], release=Release(_RELEASE.format(a.capitalize())))
               for a, arch in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

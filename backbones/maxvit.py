@@ -18,8 +18,9 @@ from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNor
                          SEModule, create_conv2d, create_pool2d, make_divisible, resize_rel_pos_bias_table,
                          to_2tuple)
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import SWIN_DENSE, Dense, Family, variant
 from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
 from .mixers import PartitionAttention
 
@@ -218,9 +219,12 @@ _PUBLISHED = {'tiny': (31, 5.6, 83.62), 'small': (69, 11.7, 84.45), 'base': (120
 # run in CI (the rest are built on the meta device and counted); the slow mark on the larger ones
 _RUN = {('tiny', 224): False, ('tiny', 384): True, ('small', 224): True}
 
+DENSE = Dense(variants=(('mz_maxvit_tiny_tf_224', 'maxvit-tiny'), ('mz_maxvit_small_tf_224', 'maxvit-small')),
+              **SWIN_DENSE, note="no official dense configs: Swin's recipe")
+
 FAMILY = register_family(Family(
     'maxvit', MaxVit, cfg=dict(first_conv='stem.conv1', classifier='head.fc'), transform=_resize_tables,
-    out_indices=(0, 1, 2, 3, 4), second_size=lambda s: (2 * s, s),   # multiples of the window grid, 32 * window
+    out_indices=(0, 1, 2, 3, 4), dense=DENSE, second_size=lambda s: (2 * s, s),   # multiples of the window grid, 32 * window
     variants=[variant(f'mz_maxvit_{a}_tf_{s}', f'timm:maxvit_{a}_tf_{s}', _PUBLISHED[a] if s == 224 else (None,) * 3,
                       arch=dict(arch, img_size=s), img_size=s, cfg=_cfg(s), build_only=(a, s) not in _RUN,
                       slow=_RUN.get((a, s), False),
@@ -229,4 +233,3 @@ FAMILY = register_family(Family(
                       gmacs_tol=0.025 if (a, s) == ('base', 224) else 0.02,
                       doc=f'MaxViT-{a[0].upper()} (TF weights layout), window/grid {s // 32} ({s}x{s} config).')
               for a, arch in _ARCH.items() for s in (224, 384, 512)]), __name__)
-checkpoint_filter_fn = FAMILY.filter

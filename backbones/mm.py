@@ -21,9 +21,9 @@ from mmengine.model import BaseModule
 from mmengine.logging import print_log
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _convert, _pretrained
-from ._registry import check_model_name
-from ._weights import read_checkpoint
+from . import _pretrained
+from ._registry import check_model_name, family_of
+from ._weights import load_state_dict, read_checkpoint
 
 __all__ = ['MixZooBackbone', 'allow_mmengine_checkpoints']
 
@@ -78,7 +78,6 @@ class MixZooBackbone(BaseModule):
         self.model_name = model_name
         if drop_path_rate is not None:     # (SHViT has no stochastic depth: leave it unset there)
             model_kwargs['drop_path_rate'] = drop_path_rate
-        self._model_kwargs = {k: v for k, v in model_kwargs.items() if k != 'drop_path_rate'}
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
         off = int(model.stem_is_feature)
         n_stages = len(model.stages)
@@ -108,7 +107,12 @@ class MixZooBackbone(BaseModule):
         """Load a checkpoint through the family's converter; mismatches raise (a checkpoint of
         another model), the classifier and the final norm are dropped."""
         if path == 'zoo':     # the family's release checkpoint, found as pretrained=True finds it
-            path = str(_pretrained.resolve(self.model_name))   # (or an error saying what to download where)
+            try:
+                path = str(_pretrained.resolve(self.model_name))
+            except FileNotFoundError as e:   # (what to download where; and the config's own knob)
+                raise FileNotFoundError(
+                    f"{e}\nIn an mmdet / mmseg config: set model.backbone.pretrained to the file's path "
+                    f"(--cfg-options model.backbone.pretrained=PATH), or to None to train from scratch.") from None
         sd = read_checkpoint(path, prefer=prefer)
         if prefix:
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -118,12 +122,9 @@ class MixZooBackbone(BaseModule):
             # this adapter's own layout (e.g. a detector's backbone.* with prefix='backbone.')
             self.load_state_dict(sd, strict=True)
         else:
-            # a classifier checkpoint in any layout the family takes: match it against the whole
-            # model, then keep what the pruned backbone uses (no final norm, no head)
-            # the same architecture with its head, as released
-            sd, _ = _convert.zoo_state_dict(self.model_name, sd, **self._model_kwargs)
-            keep = self.model.state_dict()
-            self.model.load_state_dict({k: v for k, v in sd.items() if k in keep}, strict=True)
+            # a classifier checkpoint in any layout the family takes, through the one loading path (the
+            # final norm and head, pruned here, are matched and left out)
+            load_state_dict(self.model, sd, family_of(self.model_name))
         print_log(f'MixZooBackbone: loaded {path} into {self.model_name}', logger='current')
 
     def init_weights(self) -> None:

@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, GroupNorm1, LayerNorm2d, Mlp, NormMlpClassifierHead
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import Dense, Family, Release, variant
 from ._renames import Rename, Renames
 from .layers import ChannelScale, drop_path_rates, trunc_normal_init
 from .mixers import Pooling
@@ -116,11 +117,26 @@ _ARCH = {
     'm48': ((8, 8, 24, 8), _M, 1e-6, (73, 11.6, 82.5)),
 }
 
+# sail-sg/poolformer's dense configs (AdamW 2e-4, wd 1e-4; its Semantic FPN: 40k iters x 32 images = 80k x 16
+# here); published: the paper's COCO / ADE20K tables
+DENSE = Dense(
+    variants=(('mz_poolformer_s12', 'poolformer-s12'), ('mz_poolformer_s24', 'poolformer-s24')),
+    backbone=dict(out_norm='gn'),   # the official dense backbones add GroupNorm(1) per output
+    det=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4)),
+    seg=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), poly_power=0.9, warmup=0),
+    note='sail-sg/poolformer dense configs (AdamW 2e-4, wd 1e-4; Semantic FPN there: 40k iters x 32 '
+         'images = 80k x 16 here)',
+    published={('poolformer-s12', 'retinanet'): '36.2 AP', ('poolformer-s24', 'retinanet'): '38.9 AP',
+               ('poolformer-s12', 'mask-rcnn'): '37.3 AP / 34.6 mask AP', ('poolformer-s24', 'mask-rcnn'): '40.1 / 37.0',
+               ('poolformer-s12', 'fpn'): '37.2 mIoU', ('poolformer-s24', 'fpn'): '40.3 mIoU'})
+_SAIL = 'https://github.com/sail-sg/poolformer/releases/download/v1.0'   # the authors' release files
+
 FAMILY = register_family(Family(
     'poolformer', PoolFormer, cfg=dict(crop_pct=0.9, first_conv='stem.conv', classifier='head.fc'), renames=RENAMES,
+    dense=DENSE,
     variants=[variant(f'mz_poolformer_{n}', f'timm:poolformer_{n}', pub, tag='sail_in1k',
                       arch=dict(depths=d, dims=dims, layer_scale_init_value=ls),
                       cfg=dict(crop_pct=0.95) if n.startswith('m') else {},
-                      build_only=n == 'm48', slow=n in ('s36', 'm36'))
+                      build_only=n == 'm48', slow=n in ('s36', 'm36'),
+                      release=Release(f'{_SAIL}/poolformer_{n}.pth.tar', tag='sail_in1k'))
               for n, (d, dims, ls, pub) in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

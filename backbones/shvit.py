@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 from timm.layers import SEModule, SelectAdaptivePool2d, trunc_normal_
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import Dense, Family, Release, variant
 from ._renames import Rename, Renames
 from .layers import ConvNorm, Linear, Residual, fuse_modules
 from .mixers import SingleHeadAttention
@@ -205,12 +206,21 @@ _ARCH = {
 # published: params M, GMACs (at 224; S4 at 256), top-1
 _PUBLISHED = {'s1': (6.3, 0.241, 72.8), 's2': (11.4, 0.366, 75.2), 's3': (14.2, 0.601, 77.4), 's4': (16.5, 0.986, 79.4)}
 
+# no dense config in the official repository: AdamW 2e-4 as PoolFormer; outputs at strides 16-64, so anchors /
+# RoI strides follow (mixzoo's config generator reads them from the adapter)
+DENSE = Dense(
+    variants=(('mz_shvit_s1', 'shvit-s1'), ('mz_shvit_s4', 'shvit-s4')),
+    det=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), norm_eval=True),
+    seg=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), poly_power=0.9, warmup=0),
+    note='no dense config in this repo: AdamW 2e-4 as PoolFormer; outputs at strides 16-64, so '
+         'anchors/RoI strides follow')
+_RELEASE = 'https://github.com/ysj9909/SHViT/releases/download/v1.0'
+
 FAMILY = register_family(Family(
     'shvit', SHViT, cfg=dict(pool_size=(4, 4), crop_pct=0.875, first_conv='patch_embed.0.c', classifier='head.l',
                              license='mit'),
-    renames=RENAMES, transform=_conv_weights_4d, out_indices=(0, 1, 2), num_stages=3,
+    renames=RENAMES, transform=_conv_weights_4d, out_indices=(0, 1, 2), num_stages=3, dense=DENSE,
     variants=[variant(f'mz_shvit_{n}', f'timm:shvit_{n}', _PUBLISHED[n], arch=dict(arch, types=('i', 's', 's')),
                       img_size=256 if n == 's4' else 224, cfg=dict(input_size=(3, 256, 256)) if n == 's4' else {},
-                      slow=n in ('s3', 's4'))
+                      slow=n in ('s3', 's4'), release=Release(f'{_RELEASE}/shvit_{n}.pth'))
               for n, arch in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

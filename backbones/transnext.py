@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath
 
+from ._builder import register_family
 from ._features import Stage, StagedModelMixin
-from ._registry import Family, register_family, variant
+from ._registry import SWIN_DENSE, Dense, Family, Release, variant
 from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers.aggregated import AggregatedAttention, GlobalAttention
@@ -163,11 +164,20 @@ _PUBLISHED = {'micro': (12.8, 2.7, 82.5), 'tiny': (28.2, 5.7, 84.0), 'small': (4
 _OFFICIAL = {'micro': (12_809_304, 617), 'tiny': (28_258_960, 617), 'small': (49_741_564, 1054),
              'base': (89_721_496, 1083)}
 
+# the authors' HuggingFace release files: a plain state dict in the official layout
+_HF = 'https://huggingface.co/DaiShiResearch/transnext-{0}-224-1k/resolve/main/transnext_{0}_224_1k.pth'
+# published: the official repository's README (Mask R-CNN 1x box AP, UperNet 160k mIoU)
+DENSE = Dense(
+    variants=(('mz_transnext_tiny', 'transnext-tiny'), ('mz_transnext_small', 'transnext-small')),
+    **{**SWIN_DENSE, 'backbone': dict()},      # its stages already end in a LayerNorm (the official dense outputs)
+    note="Swin's recipe (the official TransNeXt dense configs could not be read here)",
+    published={('transnext-tiny', 'mask-rcnn'): '49.9 AP', ('transnext-small', 'mask-rcnn'): '51.1 AP',
+               ('transnext-tiny', 'upernet'): '51.1 mIoU', ('transnext-small', 'upernet'): '52.2 mIoU'})
+
 FAMILY = register_family(Family(
     'transnext', TransNeXt, cfg=dict(crop_pct=0.875, first_conv='stages.0.downsample.proj', classifier='head.fc'),
-    renames=RENAMES,
+    renames=RENAMES, dense=DENSE,
     variants=[variant(f'mz_transnext_{a}', 'official:DaiShiResearch/TransNeXt', _PUBLISHED[a], arch=arch,
                       build_only=a in ('small', 'base'), official_params=_OFFICIAL[a][0],
-                      official_keys=_OFFICIAL[a][1])
+                      official_keys=_OFFICIAL[a][1], release=Release(_HF.format(a)))
               for a, arch in _ARCH.items()]), __name__)
-checkpoint_filter_fn = FAMILY.filter

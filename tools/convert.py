@@ -18,7 +18,8 @@ import time
 
 from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
 from mixzoo import _pretrained  # noqa: E402
-from mixzoo._convert import convert, sha256_file  # noqa: E402
+from mixzoo._convert import convert  # noqa: E402
+from mixzoo._pretrained import sha256_file  # noqa: E402
 
 
 def manifest_sha(name, path):

@@ -1,124 +1,30 @@
-"""Write configs/mmdet/*.py, configs/mmseg/*.py and configs/README.md from one table of recipes.
-
-    python tools/gen_configs.py            # (re)write the files
-    python tools/gen_configs.py --check    # exit 1 if the committed files differ (a test runs this)
+"""configs/mmdet/*.py, configs/mmseg/*.py and configs/README.md, from the family records' dense recipes
+(``Family.dense``); written or checked by ``python tools/generate.py [--check]``.
 
 Each config inherits mmdet's / mmseg's own bases (``mmdet::`` / ``mmseg::``) and changes only the
 backbone, the neck/head input channels and strides, and the optimizer of the family's recipe.
 Channels and strides are read from the zoo's backbone adapter, not typed in.
 """
-import argparse
 import functools
-import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 
-# Per family: variants (zoo name, short name), adapter options, and the optimizer recipe of the
-# official dense-task configs where a repository reports results (else the recipe named in `note`).
-SWIN_NO_DECAY = {'norm': dict(decay_mult=0.0), 'rel_pos': dict(decay_mult=0.0),
-                 'relative_position': dict(decay_mult=0.0)}
-# Swin's dense-task settings (AdamW, no decay on norms / relative-position tables, per-output LayerNorm)
-SWIN_RECIPE = dict(
-    backbone=dict(out_norm='ln'),
-    drop_path=dict(det=(0.2, 0.3), seg=(0.3, 0.3)),
-    det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05), no_decay=SWIN_NO_DECAY),
-    seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), no_decay=SWIN_NO_DECAY,
-             poly_power=1.0, warmup=1500))
-RECIPES = {
-    'poolformer': dict(
-        variants=[('mz_poolformer_s12', 'poolformer-s12'), ('mz_poolformer_s24', 'poolformer-s24')],
-        backbone=dict(out_norm='gn'),   # the official dense backbones add GroupNorm(1) per output
-        det=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4)),
-        seg=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), poly_power=0.9, warmup=0),
-        note='sail-sg/poolformer dense configs (AdamW 2e-4, wd 1e-4; Semantic FPN there: 40k iters x 32 '
-             'images = 80k x 16 here)'),
-    'davit': dict(
-        variants=[('mz_davit_tiny', 'davit-tiny'), ('mz_davit_small', 'davit-small')],
-        **SWIN_RECIPE,
-        note="Swin's dense-task recipe, which the DaViT paper follows"),
-    'maxvit': dict(
-        variants=[('mz_maxvit_tiny_tf_224', 'maxvit-tiny'), ('mz_maxvit_small_tf_224', 'maxvit-small')],
-        **SWIN_RECIPE,
-        note="no official dense configs: Swin's recipe"),
-    'transnext': {
-        **SWIN_RECIPE,
-        'variants': [('mz_transnext_tiny', 'transnext-tiny'), ('mz_transnext_small', 'transnext-small')],
-        'backbone': dict(),      # its stages already end in a LayerNorm (the official dense outputs)
-        'note': "Swin's recipe (the official TransNeXt dense configs could not be read here)"},
-    'l2vit': dict(
-        variants=[('mz_l2vit_tiny', 'l2vit-tiny'), ('mz_l2vit_small', 'l2vit-small')],
-        backbone=dict(out_norm='ln'),   # the official dense backbone adds a LayerNorm per output (norm{i})
-        drop_path=dict(det=(0.1, 0.1), seg=(0.3, 0.3)),
-        det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)),
-        seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), poly_power=1.0,
-                 warmup=1500),
-        note='ChuanyangZheng/L2ViT dense configs (AdamW, no decay exemptions; its multi-scale det train '
-             "pipeline not copied); Semantic FPN, which it has no config for: UperNet's optimizer"),
-    'biformer': dict(
-        variants=[('mz_biformer_tiny', 'biformer-tiny'), ('mz_biformer_small', 'biformer-small')],
-        backbone=dict(out_norm='ln'),   # the official dense backbone adds a LayerNorm2d per output (extra_norms)
-        # per method: the official BiFormer-S configs (no official BiFormer-T ones: T takes S's)
-        drop_path={'det': (0.2, 0.2), 'upernet': (0.3, 0.3), 'fpn': (0.15, 0.15)},
-        det=dict(optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05), no_decay=SWIN_NO_DECAY,
-                 backbone=dict(n_win=16)),
-        seg=dict(optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01), no_decay=SWIN_NO_DECAY,
-                 poly_power=1.0, warmup=1500, backbone=dict(n_win=8)),
-        methods={'retinanet': dict(optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4), no_decay=None),
-                 'fpn': dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), no_decay=None,
-                             poly_power=0.9, warmup=0)},
-        note='rayleizhu/BiFormer dense configs of BiFormer-S (auto_pad, region grid n_win 16 for detection, 8 for '
-             'segmentation; Mask R-CNN AdamW 1e-4 wd 0.05 no decay on norms, RetinaNet AdamW 1e-4 wd 1e-4, UperNet '
-             'AdamW 6e-5 wd 0.01 poly 1.0 warmup 1500, S-FPN AdamW 2e-4 wd 1e-4 but poly 0.9 here where the '
-             'official one is cosine with warmup; their fp16 not set)'),
-    'halonet': dict(
-        variants=[('mz_halonet26t', 'halonet26t'), ('mz_halonet50ts', 'halonet50ts')],
-        backbone=dict(frozen_stages=1),
-        det=dict(norm_eval=True),       # mmdet's ResNet recipe (its base configs' SGD)
-        seg=dict(),                     # mmseg's ResNet recipe (its base schedule's SGD)
-        note="no official dense configs: mmdet's / mmseg's ResNet recipe (BN backbone)"),
-    'shvit': dict(
-        variants=[('mz_shvit_s1', 'shvit-s1'), ('mz_shvit_s4', 'shvit-s4')],
-        backbone=dict(),
-        det=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), norm_eval=True),
-        seg=dict(optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4), poly_power=0.9, warmup=0),
-        note='no dense config in this repo: AdamW 2e-4 as PoolFormer; outputs at strides 16-64, so '
-             'anchors/RoI strides follow'),
-}
-
-# Published results (paper tables; COCO val box AP / mask AP, ADE20K val single-scale mIoU).
-PUBLISHED = {
-    ('poolformer-s12', 'retinanet'): '36.2 AP', ('poolformer-s24', 'retinanet'): '38.9 AP',
-    ('poolformer-s12', 'mask-rcnn'): '37.3 AP / 34.6 mask AP', ('poolformer-s24', 'mask-rcnn'): '40.1 / 37.0',
-    ('poolformer-s12', 'fpn'): '37.2 mIoU', ('poolformer-s24', 'fpn'): '40.3 mIoU',
-    ('davit-tiny', 'retinanet'): '44.0 AP', ('davit-small', 'retinanet'): '46.0 AP',
-    ('davit-tiny', 'mask-rcnn'): '45.0 / 41.1', ('davit-small', 'mask-rcnn'): '47.7 / 42.9',
-    ('davit-tiny', 'upernet'): '46.3 mIoU', ('davit-small', 'upernet'): '48.8 mIoU',
-    # ../shared/REFERENCE.md (the official repository's README)
-    ('transnext-tiny', 'mask-rcnn'): '49.9 AP', ('transnext-small', 'mask-rcnn'): '51.1 AP',
-    ('transnext-tiny', 'upernet'): '51.1 mIoU', ('transnext-small', 'upernet'): '52.2 mIoU',
-    # ../shared/REFERENCE.md; S-FPN from the official semantic_segmentation/README.md (BiFormer-S only)
-    ('biformer-small', 'mask-rcnn'): '47.8 / 43.2', ('biformer-small', 'retinanet'): '45.9 AP',
-    ('biformer-small', 'upernet'): '49.8 mIoU', ('biformer-small', 'fpn'): '48.9 mIoU',
-}
-
-HEADER = '# Generated by tools/gen_configs.py from its recipe table; edit that, not this file.\n'
+HEADER = '# Generated by tools/generate.py from the family record (Family.dense); edit that, not this file.\n'
 IMPORTS = "custom_imports = dict(imports=['mixzoo.mm'], allow_failed_imports=False)\n"
 
 
-def _with_all_stages(recipes):
-    """Every stage of the family (its record's stage count) as an output where the adapter's default
-    (0, 1, 2, 3) is not all of them."""
+def recipes():
+    """{family: its Dense recipe as a dict, ``backbone`` the adapter options of its configs}, from the family
+    records; every stage is an output where the adapter's default (0, 1, 2, 3) is not all of them."""
     import mixzoo
-    for fam, r in recipes.items():
-        n = mixzoo.FAMILIES[fam].num_stages
-        if n != 4:
-            r['backbone'].setdefault('out_indices', tuple(range(n)))
-    return recipes
-
-
-RECIPES = _with_all_stages(RECIPES)
+    out = {}
+    for fam in mixzoo.FAMILIES.values():
+        if fam.dense is not None:
+            opts = dict(fam.dense.backbone)
+            if fam.num_stages != 4:
+                opts.setdefault('out_indices', tuple(range(fam.num_stages)))
+            out[fam.name] = dict(fam.dense.__dict__, backbone=opts)
+    return out
 
 
 def fmt(v) -> str:
@@ -281,9 +187,9 @@ def variant_config(task, method, first_rel, name, recipe, i):
     return '\n'.join(lines) + '\n'
 
 
-def generate():
+def files():
     files, rows = {}, []
-    for family, recipe in RECIPES.items():
+    for family, recipe in recipes().items():
         for i, (name, short) in enumerate(recipe['variants']):
             for task, method, sched, fn in METHODS:
                 suffix = 'fpn_' if task == 'mmdet' else ''
@@ -294,12 +200,13 @@ def generate():
                     first = f"configs/{task}/{method}_{recipe['variants'][0][1]}_{suffix}{sched}.py"
                     files[rel] = variant_config(task, method, first, name, recipe, i)
                 rows.append(f"| `{rel[len('configs/'):]}` | `{name}` | "
-                            f"{PUBLISHED.get((short, method), '—')} | {recipe['note']} |")
+                            f"{recipe['published'].get((short, method), '—')} | {recipe['note']} |")
     readme = [
         '# Detection and segmentation configs', '',
-        'Generated by `tools/gen_configs.py` (one recipe table; `--check` is run by the tests). Each file',
+        'Generated by `tools/generate.py` from the family records\' dense recipes (`Family.dense`; `--check` is run',
+        'by the tests). Each file',
         "inherits mmdet's / mmseg's own base configs (`mmdet::` / `mmseg::`) and swaps in the zoo backbone",
-        '(`backbones/mm.py`, `MixZooBackbone`) with the neck/head channels and strides it reports.', '',
+        '(`mixzoo.mm.MixZooBackbone`) with the neck/head channels and strides it reports.', '',
         "`pretrained='zoo'` loads the family's released ImageNet checkpoint from `$MIXZOO_WEIGHTS` (see",
         '`checkpoints/README.md`; nothing is downloaded) and fails with the file to get if it is absent; set',
         'it to a checkpoint path in any layout the family accepts, or to None to train from scratch.', '',
@@ -309,7 +216,7 @@ def generate():
         'python tools/test.py configs/mmseg/upernet_davit-tiny_512x512-160k_ade20k.py work_dirs/.../iter_160000.pth',
         '```', '',
         "Published = what the family's authors report for that model and schedule (COCO val box AP / mask AP,",
-        'ADE20K val single-scale mIoU): TransNeXt from ../shared/REFERENCE.md (its README); BiFormer-S from the',
+        'ADE20K val single-scale mIoU): TransNeXt from its repository\'s README; BiFormer-S from the',
         "official repository's detection / segmentation READMEs (no BiFormer-T dense results); PoolFormer and",
         "DaViT from their papers' COCO / ADE20K tables, written down, like the recipe sources, without access",
         'to the papers or repositories in this workplace: check them before quoting. "—": no figure listed,',
@@ -320,30 +227,3 @@ def generate():
         '| config | backbone | published | recipe |', '|---|---|---|---|'] + rows
     files['configs/README.md'] = '\n'.join(readme) + '\n'
     return files
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--check', action='store_true', help='fail if the committed configs are not up to date')
-    args = ap.parse_args(argv)
-    files = generate()
-    old = {os.path.relpath(p, ROOT) for d in ('mmdet', 'mmseg', 'mmdet/_base_', 'mmseg/_base_')
-           for p in (ROOT / 'configs' / d).glob('*.py')}
-    extra = sorted(old - set(files))
-    stale = [rel for rel, text in files.items()
-             if not (ROOT / rel).is_file() or (ROOT / rel).read_text(encoding='utf-8') != text]
-    if args.check:
-        for rel in stale:
-            print(f'out of date: {rel} (run python tools/gen_configs.py)')
-        for rel in extra:
-            print(f'not generated: {rel} (add it to the recipe table or remove it)')
-        return 1 if stale or extra else 0
-    for rel in stale:
-        os.makedirs((ROOT / rel).parent, exist_ok=True)
-        (ROOT / rel).write_text(files[rel], encoding='utf-8')
-    print(f'{len(files)} files, {len(stale)} written')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

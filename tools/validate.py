@@ -111,19 +111,7 @@ def topk_correct(logits, target, k):
 def build_model(name, args):
     if args.checkpoint:
         prefer = 'model_ema' if args.use_ema else 'model'
-        try:
-            model, _ = convert(name, args.checkpoint, prefer=prefer, num_classes=args.num_classes)
-        except (RuntimeError, ValueError):
-            if args.num_classes is None:
-                raise
-            # a classifier of another class count fails as a bare size mismatch: name both counts
-            own = convert(name, args.checkpoint, prefer=prefer)[0].num_classes
-            if own == args.num_classes:
-                raise
-            raise ValueError(f'{args.checkpoint} has a {own}-class classifier, so --num-classes {args.num_classes} '
-                             f'does not fit it: drop --num-classes (the class count is read from the checkpoint) and '
-                             f'evaluate on data of its {own} classes, or pass a checkpoint with {args.num_classes} '
-                             f'classes') from None
+        model, _ = convert(name, args.checkpoint, prefer=prefer, num_classes=args.num_classes)
     else:
         kw = {} if args.num_classes is None else dict(num_classes=args.num_classes)
         model = timm.create_model(name, pretrained=not args.no_pretrained, **kw)
