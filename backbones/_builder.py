@@ -1,9 +1,7 @@
 """How every family registers (``register_family``) and builds (``create_model``): timm's builder for the
 model, the zoo's one loading path (mixzoo._pretrained -> mixzoo._weights) for its weights."""
-import contextlib
 import sys
 
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -42,22 +40,6 @@ def _entrypoint(fam: Family, v: ModelInfo):
     return entrypoint
 
 
-@contextlib.contextmanager
-def factory(device=None, dtype=None):
-    """Parameters and buffers created on ``device`` in ``dtype`` (timm's factory keywords): the model is
-    constructed there, with no round trip through CPU memory (``device='meta'``: no memory at all)."""
-    with contextlib.ExitStack() as stack:
-        if device is not None:
-            stack.enter_context(torch.device(device))
-        if dtype is not None:
-            if not dtype.is_floating_point:
-                raise TypeError(f'dtype must be a floating point type, got {dtype}')
-            old = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            stack.callback(torch.set_default_dtype, old)
-        yield
-
-
 def create_model(fam: Family, variant: str, pretrained: bool = False, checkpoint_entry: str = 'model', **kwargs):
     """Build ``variant`` of the family record ``fam`` with timm's build_model_with_cfg.
 
@@ -66,13 +48,12 @@ def create_model(fam: Family, variant: str, pretrained: bool = False, checkpoint
     reader (``checkpoint_entry`` picks 'model' or, where the release keeps one, 'model_ema') and loaded by
     ``_weights.load_state_dict`` (renames, transform, one match that names every mismatch; timm's rules for
     a classifier of another class count and the first conv). ``features_only`` goes through
-    ``forward_intermediates`` (timm's getter feature class); ``device`` / ``dtype`` build the model there;
+    ``forward_intermediates`` (timm's getter feature class); ``device`` / ``dtype`` go to the model class;
     ``backend`` forces op backends (mixers.set_backend); linears run on oneDNN on CPU for inference."""
     if checkpoint_entry not in fam.checkpoint_entries:
         raise ValueError(f'{variant}: checkpoint_entry must be one of {fam.checkpoint_entries}, '
                          f'got {checkpoint_entry!r}')
     backend = kwargs.pop('backend', None)
-    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     weights, source = None, None
     if pretrained:
@@ -84,10 +65,9 @@ def create_model(fam: Family, variant: str, pretrained: bool = False, checkpoint
             source = overlay.pop('file', None) or _pretrained.resolve(
                 variant, tag, url=overlay.pop('url', None), hf_hub_id=overlay.pop('hf_hub_id', None))
             weights = read_checkpoint(str(source), prefer=checkpoint_entry)
-    with factory(device, dtype):
-        model = build_model_with_cfg(
-            fam.cls, variant, False, pretrained_cfg_overlay=overlay,
-            feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', fam.out_indices)), **kwargs)
+    model = build_model_with_cfg(
+        fam.cls, variant, False, pretrained_cfg_overlay=overlay,
+        feature_cfg=dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', fam.out_indices)), **kwargs)
     inner = getattr(model, 'model', model)     # (features_only: timm's wrapper around the pruned model)
     if weights is not None:
         load_state_dict(inner, weights, fam)

@@ -124,12 +124,36 @@ def test_gpu_half_precision(name, dtype, models):
     assert torch.isfinite(low).all() and rel_err(low.float(), ref) <= BF16_TOL
 
 
-def _shallow_model(name):
+def _shallow_model(name, **kwargs):
     """The variant with at most two blocks a stage, random weights, eval: every block kind, its first/other-
     block and alternating paths still run, in a third of the time (TransNeXt-micro's stage 3 has 15)."""
     arch = MODELS[name].arch
     depths = {k: tuple(min(d, 2) for d in arch[k]) for k in ('depths', 'depth') if k in arch}
-    return randomize_(timm.create_model(name, **depths)).eval()
+    return randomize_(timm.create_model(name, **depths, **kwargs)).eval()
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_factory_keywords_build_on_the_device_in_the_dtype(name):
+    """timm's factory keywords (timm 1.0.31's models take them): parameters and buffers are created on
+    ``device`` in ``dtype``. On the meta device nothing is allocated, so a tensor made on CPU and moved would
+    show as a CPU tensor; features_only too. A float64 build computes what the float32 model cast to float64
+    does (its position tables computed in float64 rather than cast: 1e-6)."""
+    for kw in ({}, dict(features_only=True)):
+        m = timm.create_model(name, device='meta', dtype=torch.bfloat16, **kw)
+        tensors = [*m.parameters(), *m.buffers()]
+        assert {t.device.type for t in tensors} == {'meta'}, [n for n, t in m.state_dict().items() if not t.is_meta]
+        assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32                    # restored
+    with pytest.raises(TypeError, match='floating point'):
+        timm.create_model(name, device='meta', dtype=torch.int32)
+    a = _shallow_model(name)
+    b = _shallow_model(name, dtype=torch.float64)
+    assert {p.dtype for p in b.parameters()} == {torch.float64}
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        y = b(x)
+        assert y.dtype == torch.float64 and rel_err(y, a.double()(x)) < 1e-6
 
 
 @pytest.mark.parametrize('name', SMALL)
