@@ -232,4 +232,4 @@ FAMILY = register_family(Family(
                       # gap is the paper's counting
                       gmacs_tol=0.025 if (a, s) == ('base', 224) else 0.02,
                       doc=f'MaxViT-{a[0].upper()} (TF weights layout), window/grid {s // 32} ({s}x{s} config).')
-              for a, arch in _ARCH.items() for s in (224, 384, 512)]), __name__)
+              for s in (224, 384, 512) for a, arch in _ARCH.items()]), __name__)

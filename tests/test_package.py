@@ -65,3 +65,23 @@ def test_no_code_imports_the_folders_by_their_own_names():
     bad = [f'{p.relative_to(ROOT)}: {top}' for d in ('backbones', 'ops', 'tools', 'tests') for p in (ROOT / d).rglob('*.py')
            for top in _imported_tops(p) if top in ('ops', 'backbones', 'checkpoints')]
     assert not bad, bad
+
+
+USER_DOCS = ('README.md', 'INSTALL.md', 'CONTRIBUTING.md', 'checkpoints/README.md', 'configs/README.md',
+             'tests/fixtures/README.md')
+
+
+def test_readme_is_for_users():
+    """Short, a create_model example near the top, every model in its (generated) table, the CI command as
+    its test command; no user-facing page points at ../shared (users do not have it)."""
+    import mixzoo
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    lines = text.splitlines()
+    assert len(lines) <= 180, f'README.md has {len(lines)} lines: it is for users, measurements go to BENCHMARKS.md'
+    assert any('timm.create_model(' in line for line in lines[:60])
+    missing = [n for n in mixzoo.list_models() if f'`{n}`' not in text]
+    assert not missing, f'not in the README model table (python tools/generate.py): {missing}'
+    ci = (ROOT / '.ci' / 'run').read_text(encoding='utf-8').strip().splitlines()[-1]
+    assert ci.split('tools/env.sh', 1)[1] in text, 'the README test command is not the one .ci/run runs'
+    shared = [d for d in USER_DOCS if '../shared' in (ROOT / d).read_text(encoding='utf-8')]
+    assert not shared, shared

@@ -26,9 +26,10 @@ def _fmt(v) -> str:
 
 
 def model_table() -> str:
-    """One row per registered model: published figures, reference, and what the tests check against it."""
+    """One row per registered model (published figures, reference, what CI checks against it); models of a
+    family without published figures that are checked alike share a row."""
     fixtures = {spec['zoo'] for rec in official.recipes().values() for spec in rec.FIXTURES.values()}
-    rows = ['| model | reference | params (M) | GMACs | top-1 | size | checked in CI |', '|---|---|---|---|---|---|---|']
+    rows = []
     for name, m in mixzoo.MODELS.items():
         kind, ref = m.reference_kind, m.reference_name
         if m.build_only:
@@ -37,9 +38,20 @@ def model_table() -> str:
             checked = 'logits = timm, 2 sizes'
         else:
             checked = 'logits = official (fixture)' if name in fixtures else 'logits = official (full size, by hand)'
-        rows.append(f'| `{name}` | {kind} `{ref}` | {_fmt(m.params_m)} | {_fmt(m.gmacs)} | {_fmt(m.top1)} | '
-                    f'{m.img_size} | {checked} |')
-    return '\n'.join(rows)
+        figures = (m.params_m, m.gmacs, m.top1)
+        last = rows[-1] if rows else None
+        if last and figures == last['figures'] == (None,) * 3 and (m.family, m.img_size, checked) == last['key']:
+            last['names'].append(name)
+            last['refs'].append(ref)
+            continue
+        rows.append(dict(names=[name], refs=[ref], kind=kind, figures=figures, key=(m.family, m.img_size, checked)))
+    out = ['| model | reference | params (M) | GMACs | top-1 | size | checked |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        names = ', '.join(f'`{n}`' for n in r['names'])
+        refs = f"`{r['refs'][0]}`" if len(set(r['refs'])) == 1 else 'same names'
+        out.append(f"| {names} | {r['kind']} {refs} | {' | '.join(_fmt(v) for v in r['figures'])} | {r['key'][1]} | "
+                   f"{r['key'][2]} |")
+    return '\n'.join(out)
 
 
 def readme(text: str) -> str:

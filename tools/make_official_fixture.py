@@ -36,6 +36,10 @@ official = _load(HERE / 'official' / '__init__.py', 'mixzoo_official_recipes')
 randomize_ = _load(ROOT / 'backbones' / '_random.py', 'mixzoo_random').randomize_
 
 
+# what follows this line in tests/fixtures/README.md is written by hand (full-size checks) and kept
+BY_HAND = '## Full-size checks (by hand, with the official code; kept when the table above is regenerated)\n'
+
+
 def official_commit(repo: Path, given: str = None) -> str:
     if given:
         return given
@@ -118,7 +122,8 @@ from a `.commit` file beside an exported tree):
 The exact command of each file is in its metadata (`command`).
 """
     path = official.FIXTURE_DIR / 'README.md'
-    path.write_text(text)
+    kept = path.read_text().split(BY_HAND, 1)[1] if path.is_file() and BY_HAND in path.read_text() else '\n'
+    path.write_text(f'{text}\n{BY_HAND}{kept}')
     return path
 
 
