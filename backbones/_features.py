@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import NormMlpClassifierHead
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
@@ -109,11 +110,21 @@ class StagedModelMixin:
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Nothing beyond what timm's optimizer factory exempts anyway (biases, norms); families whose
+        official training exempts more override this."""
+        return set()
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
-        """For timm's NormMlpClassifierHead-style heads (``head.reset``); other heads override."""
+        """For timm's heads (``head.reset``): NormMlpClassifierHead (its hidden layer and norm go with
+        ``reset_other``) and ClassifierHead; other heads override."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
-        self.head_hidden_size = self.head.num_features
+        if isinstance(self.head, NormMlpClassifierHead):
+            self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+            self.head_hidden_size = self.head.num_features
+        else:
+            self.head.reset(num_classes, global_pool)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)

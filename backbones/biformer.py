@@ -95,6 +95,8 @@ def _per_stage(v, n: int, what: str) -> tuple:
 
 
 class BiFormer(StagedModelMixin, nn.Module):
+    # no_weight_decay: the mixin's (biases and norms only): the official model lists {'pos_embed', 'cls_token'},
+    # names of no parameter
     def __init__(
             self,
             depths: Sequence[int] = (2, 2, 8, 2),
@@ -140,16 +142,6 @@ class BiFormer(StagedModelMixin, nn.Module):
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(trunc_normal_init(nn.Linear))
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        # the official model lists {'pos_embed', 'cls_token'}, names of no parameter: nothing is exempted
-        # beyond what timm's optimizer factory exempts anyway (biases, norms)
-        return set()
-
-    def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
 
 
 # rayleizhu/BiFormer's names (``{'model': sd}`` or plain) -> the zoo's; stage 4's global attention keeps

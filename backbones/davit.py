@@ -148,10 +148,6 @@ class DaVit(StagedModelMixin, nn.Module):
         self.head_hidden_size = self.head.num_features
         self.apply(trunc_normal_init(nn.Linear))
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
 
 # dingmyu/davit's release names -> timm's (which the zoo keeps)
 RENAMES = Renames([

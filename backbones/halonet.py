@@ -183,10 +183,6 @@ class HaloNet(StagedModelMixin, nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         """timm's ByobNet semantics: the pooling is kept unless given, the new layers follow the model's mode,
         the pooled width (2x for 'catavgmax') is head_hidden_size. ``reset_other`` (the shared

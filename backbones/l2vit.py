@@ -177,6 +177,8 @@ class L2ViTStage(Stage):
 
 
 class L2ViT(StagedModelMixin, nn.Module):
+    # no_weight_decay: the mixin's, as the official training exempts only 1-D parameters and biases (its
+    # (heads, 1, 1) temperatures are decayed)
     def __init__(
             self,
             depths: Tuple[int, ...] = (2, 2, 6, 2),
@@ -210,16 +212,6 @@ class L2ViT(StagedModelMixin, nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(trunc_normal_init(nn.Linear, nn.Conv2d))
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        # as the official training: only 1-D parameters and biases are exempt (timm's rule does that itself);
-        # the (heads, 1, 1) temperatures are decayed there
-        return set()
-
-    def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
 
 # ChuanyangZheng/L2ViT's names -> the zoo's: its conv stem is downsample_layers.0.proj.proj.{0,1,3,4} + .norm,
 # the other downsamples downsample_layers.{i} (LayerNorm + 2x2 conv), blocks stages.{i}.{j}
@@ -236,7 +228,8 @@ _ARCH = {
     'base': dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
 }
 _PUBLISHED = {'tiny': (29, 4.7, 83.1), 'small': (50, 9.0, 84.1), 'base': (89, 15.9, 84.4)}
-_OFFICIAL = {'tiny': (28_596_781, 284), 'small': (50_199_157, 536), 'base': (88_577_188, 536)}   # measured, 1000 classes
+# measured with the official code, 1000 classes: params, state-dict keys
+_OFFICIAL = {'tiny': (28_596_781, 284), 'small': (50_199_157, 536), 'base': (88_577_188, 536)}
 
 # the release files are training checkpoints {'model', 'model_ema', 'optimizer', ...}: 'model' is loaded (what the
 # official evaluation reads) unless checkpoint_entry='model_ema'

@@ -224,7 +224,8 @@ DENSE = Dense(variants=(('mz_maxvit_tiny_tf_224', 'maxvit-tiny'), ('mz_maxvit_sm
 
 FAMILY = register_family(Family(
     'maxvit', MaxVit, cfg=dict(first_conv='stem.conv1', classifier='head.fc'), transform=_resize_tables,
-    out_indices=(0, 1, 2, 3, 4), dense=DENSE, second_size=lambda s: (2 * s, s),   # multiples of the window grid, 32 * window
+    out_indices=(0, 1, 2, 3, 4), dense=DENSE,
+    second_size=lambda s: (2 * s, s),   # multiples of the window grid, 32 * window
     variants=[variant(f'mz_maxvit_{a}_tf_{s}', f'timm:maxvit_{a}_tf_{s}', _PUBLISHED[a] if s == 224 else (None,) * 3,
                       arch=dict(arch, img_size=s), img_size=s, cfg=_cfg(s), build_only=(a, s) not in _RUN,
                       slow=_RUN.get((a, s), False),

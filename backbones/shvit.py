@@ -152,10 +152,6 @@ class SHViT(StagedModelMixin, nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.l if isinstance(self.head, NormLinear) else self.head
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         pool = _global_pool(self.global_pool.pool_type if global_pool is None else global_pool, num_classes)
         self.num_classes, self.global_pool = num_classes, pool.train(self.training)

@@ -141,10 +141,6 @@ class TransNeXt(StagedModelMixin, nn.Module):
                 if n.endswith(('query_embedding', 'relative_pos_bias_local', 'learnable_tokens', 'learnable_bias',
                                'temperature'))}
 
-    def reset_classifier(self, num_classes: int, global_pool=None, reset_other: bool = False):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
 
 # DaiShiResearch/TransNeXt's names (a plain state dict) -> the zoo's
 RENAMES = Renames([

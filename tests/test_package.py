@@ -62,8 +62,8 @@ def _imported_tops(path: Path):
 def test_no_code_imports_the_folders_by_their_own_names():
     """`ops` / `backbones` are folder names, not packages: importing them would load a second copy of the
     zoo beside mixzoo (its own op registry, its own model classes)."""
-    bad = [f'{p.relative_to(ROOT)}: {top}' for d in ('backbones', 'ops', 'tools', 'tests') for p in (ROOT / d).rglob('*.py')
-           for top in _imported_tops(p) if top in ('ops', 'backbones', 'checkpoints')]
+    bad = [f'{p.relative_to(ROOT)}: {top}' for d in ('backbones', 'ops', 'tools', 'tests')
+           for p in (ROOT / d).rglob('*.py') for top in _imported_tops(p) if top in ('ops', 'backbones', 'checkpoints')]
     assert not bad, bad
 
 

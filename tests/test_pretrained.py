@@ -136,7 +136,8 @@ def test_wrong_sha256_is_refused_and_nothing_is_left(release, name):
 
 def test_offline_says_so_and_fetches_nothing(release, monkeypatch):
     monkeypatch.setenv('MIXZOO_OFFLINE', '1')
-    with pytest.raises(FileNotFoundError, match=r'(?s)offline.*poolformer_s12\.sail_in1k\.safetensors.*Download one of'):
+    with pytest.raises(FileNotFoundError,
+                       match=r'(?s)offline.*poolformer_s12\.sail_in1k\.safetensors.*Download one of'):
         timm.create_model('mz_poolformer_s12', pretrained=True)
     assert release['server'].requests == [] and _files(release['weights']) == []
 

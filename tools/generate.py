@@ -72,7 +72,8 @@ def main(argv=None):
     ap.add_argument('--check', action='store_true', help='exit 1 if a generated file is out of date')
     args = ap.parse_args(argv)
     new = files()
-    generated = {p.relative_to(ROOT).as_posix() for d in ('mmdet', 'mmseg') for p in (ROOT / 'configs' / d).rglob('*.py')}
+    generated = {p.relative_to(ROOT).as_posix() for d in ('mmdet', 'mmseg')
+                 for p in (ROOT / 'configs' / d).rglob('*.py')}
     extra = sorted(generated - set(new))
     stale = [rel for rel, text in new.items()
              if not (ROOT / rel).is_file() or (ROOT / rel).read_text(encoding='utf-8') != text]

@@ -29,7 +29,8 @@ def _timm_entries(info):
         res = cfg['input_size'][-1]
         out.append({'tag': tag, 'file': f'{ref}.{tag}.safetensors', 'sources': sources, 'sha256': None,
                     'num_classes': cfg.get('num_classes', 1000), 'resolution': res, 'crop_pct': cfg.get('crop_pct'),
-                    'top1': info.top1 if tag.endswith('in1k') and 'in21k' not in tag and res == info.img_size else None})
+                    'top1': info.top1 if tag.endswith('in1k') and 'in21k' not in tag and res == info.img_size
+                    else None})
     return out
 
 
