@@ -1,6 +1,7 @@
 """Test setup: Triton kernels run under the interpreter when there is no GPU (must be decided
 before triton is first imported), seeded RNG, and in CI no test may skip for a missing dependency."""
 import os
+import tempfile
 
 import torch
 
@@ -8,6 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.pop('MIXZOO_BACKEND', None)   # tests force backends explicitly
 os.environ['MIXZOO_OFFLINE'] = '1'        # pretrained=True never reaches the network (test_download lifts it)
+# ... nor the user's Hugging Face cache (read by huggingface_hub at import, so before timm is imported)
+os.environ['HF_HUB_CACHE'] = tempfile.mkdtemp(prefix='mixzoo-tests-hf-')
 
 import pytest  # noqa: E402
 
