@@ -266,10 +266,16 @@ def test_benchmark_runs_models_and_op_tables(capsys):
     """tools/benchmark.py (the README's main job) on a tiny setting: one model beside timm, and the halo
     op's table, forward (every backend that can run, the compiled one included) and forward+backward."""
     import benchmark
+    from benchpage import cells
     assert benchmark.main(['--model', 'mz_poolformer_s12', '--batch-size', '1', '--reps', '1', '--img-size', '64']) == 0
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith('mz_poolformer_s12 |'))
-    assert 'timm:poolformer_s12' in row and float(row.split(' | ')[10]) > 0       # the speed ratio
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln.startswith('| ')]
+    head, row = cells(lines[0]), cells(next(ln for ln in lines if cells(ln)[0] == 'mz_poolformer_s12'))
+    assert len({len(ln) for ln in lines}) == 1                       # padded: every line of the table as wide
+    assert row[head.index('reference')] == 'timm:poolformer_s12' and float(row[head.index('ratio')]) > 0
+    assert row[head.index('dGMACs_%')] == '-'                        # 64 is not the published size
+    assert '- `dGMACs_%`: ' in out and '- `ratio`: ' in out and '- `-`: ' in out      # the legend
+    assert 'page: not written' in err                                # a run of chosen models: no page
     assert benchmark.main(['--op', 'halo', '--batch-size', '1', '--reps', '1']) == 0
     out = capsys.readouterr().out
     assert 'timm HaloAttn' in out and 'zoo mixer [torch] NHWC' in out
@@ -284,6 +290,7 @@ def test_benchmark_header_progress_and_quick_mode(capsys, monkeypatch):
     """The header names the CPU, torch threads, allocator and versions; progress (model i of n, elapsed
     seconds) goes to stderr; --quick takes each family's smallest variant, batch 2, best of 3."""
     import benchmark
+    import benchpage
     import machine
     quick = benchmark.quick_models()
     assert sorted(MODELS[n].family for n in quick) == mixzoo.families()
@@ -291,17 +298,87 @@ def test_benchmark_header_progress_and_quick_mode(capsys, monkeypatch):
         others = [m.gmacs for m in MODELS.values() if m.family == MODELS[n].family and not m.build_only and m.gmacs]
         assert not MODELS[n].build_only and MODELS[n].gmacs == min(others), n
     monkeypatch.setattr(benchmark, 'quick_models', lambda: ['mz_shvit_s1', 'mz_poolformer_s12'])
-    assert benchmark.main(['--quick', '--speed', 'none', '--img-size', '64']) == 0
+    assert benchmark.main(['--quick', '--speed', 'none', '--img-size', '64', '--no-page']) == 0
     out, err = capsys.readouterr()
     head = out.splitlines()[:3]
     assert head[0].startswith(f'CPU: {machine.cpu_model()} (') and ' cores, load ' in head[0]
     assert f'({torch.get_num_threads()} threads' in head[1] and f'timm {timm.__version__}' in head[1]
     assert f'allocator: {machine.allocator()}' in head[1]
     assert 'batch 2, float32, best of 3, quick mode' in head[2]
-    assert [ln.split(' | ')[0] for ln in out.splitlines() if ' | ' in ln][1:] == ['mz_shvit_s1', 'mz_poolformer_s12']
+    assert [benchpage.cells(ln)[0] for ln in out.splitlines() if ln.startswith('| ')][1:] == \
+        ['mz_shvit_s1', 'mz_poolformer_s12']
     assert re.search(r'^\[1/2 \d+s\] mz_shvit_s1: parameters and GMACs$', err, re.M), err
     assert re.search(r'^\[2/2 \d+s\] mz_poolformer_s12: parameters and GMACs$', err, re.M), err
     assert re.search(r'^\[2/2 \d+s\] done: 2 models$', err, re.M), err
+
+
+def test_benchmark_writes_its_machine_section_and_keeps_the_others(tmp_path, capsys, monkeypatch):
+    """A run writes its table into the page as this machine's section (CPU model + ISA; --quick: its
+    'quick look' section) with the header, date and legend; a second run replaces that section only, and
+    another machine's section and the historic ones stay as they were."""
+    import benchmark
+    import benchpage
+    import machine
+    page = tmp_path / 'BENCHMARKS.md'
+    other = ('<!-- section: Intel Xeon Platinum 8480+, AVX-512 -->\n## Intel Xeon Platinum 8480+, AVX-512\n\n'
+             '| model | ratio |\n|---|---:|\n| mz_shvit_s1 | 1.10 |\n\n')
+    earlier = '<!-- section: earlier: AMD EPYC, AVX2, 2026-12-04 -->\n## Earlier: figures by hand\n\n'
+    page.write_text('# Benchmarks\n\nabove the sections\n\n' + other + earlier)
+    monkeypatch.setattr(benchmark, 'quick_models', lambda: ['mz_shvit_s1'])
+    assert benchmark.main(['--quick', '--speed', 'none', '--page', str(page)]) == 0
+    key = machine.machine_key('cpu') + ', quick look'
+    assert f'added the section "{key}"' in capsys.readouterr().err
+    text = page.read_text()
+    assert text.startswith('# Benchmarks\n\nabove the sections\n\n')
+    assert benchpage.section_keys(str(page)) == ['Intel Xeon Platinum 8480+, AVX-512', key,
+                                                 'earlier: AMD EPYC, AVX2, 2026-12-04']
+    mine = benchpage.find_section(str(page), key)
+    assert f'## {key}\n' in mine and re.search(r'Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC', mine)
+    assert f'CPU: {machine.cpu_model()} (' in mine and f'timm {timm.__version__}' in mine and 'mixzoo ' in mine
+    rows = [benchpage.cells(ln) for ln in mine.splitlines() if ln.startswith('| ')]
+    assert rows[0][:3] == ['model', 'reference', 'params_M'] and [r[0] for r in rows[1:]] == ['mz_shvit_s1']
+    assert '- `dGMACs_%`: ' in mine and '`tools/official_bench.py' in mine
+    # a second run replaces this machine's section in place and leaves the others
+    monkeypatch.setattr(benchmark, 'quick_models', lambda: ['mz_poolformer_s12'])
+    assert benchmark.main(['--quick', '--speed', 'none', '--img-size', '64', '--page', str(page)]) == 0
+    assert f'replaced the section "{key}"' in capsys.readouterr().err
+    assert len(benchpage.section_keys(str(page))) == 3
+    mine = benchpage.find_section(str(page), key)
+    assert 'mz_poolformer_s12' in mine and 'mz_shvit_s1' not in mine
+    assert benchpage.find_section(str(page), 'Intel Xeon Platinum 8480+, AVX-512') == other
+    assert benchpage.find_section(str(page), 'earlier: AMD EPYC, AVX2, 2026-12-04') == earlier.rstrip('\n') + '\n'
+    # the default page is only written by the full run or --quick; historic sections are never rewritten
+    assert benchmark.run_kind(benchmark.argparse.Namespace(
+        quick=False, model=['mz_shvit_s1'], img_size=None, batch_size=None, reps=None, backend=None,
+        compare_backend=None, threads=None, speed='default', dtype='float32')) == 'custom'
+    with pytest.raises(ValueError, match='historic'):
+        benchpage.update_page(str(page), 'earlier: AMD EPYC, AVX2, 2026-12-04', 'x', '')
+
+
+def test_install_scripts_say_how_to_call_them_and_show_build_progress(tmp_path):
+    """install_mm.sh without a Python that has torch says how to call it (and names no ../shared path);
+    its build watcher reports compiled object files out of ninja's total while a (here fake) build runs;
+    `tools/env.sh` alone prints only the venv path on stdout."""
+    tools = os.path.join(ROOT, 'tools')
+    r = subprocess.run(['bash', os.path.join(tools, 'install_mm.sh'), sys.executable + '-missing'],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ''
+    assert 'usage: bash tools/install_mm.sh PYTHON' in r.stderr and '"$(bash tools/env.sh)/bin/python"' in r.stderr
+    for script in ('install_mm.sh', 'env.sh'):    # ../shared only where install_mm.sh looks for CI's wheel
+        shared = [ln.strip() for ln in open(os.path.join(tools, script)) if '../shared' in ln]
+        assert all(ln.startswith('for w in "$root/../shared/wheels/') for ln in shared), (script, shared)
+    build = tmp_path / 'src' / 'build' / 'temp'
+    build.mkdir(parents=True)
+    fake = (f'sleep 1; printf "build {build}/a.o: compile a.cpp\\nbuild {build}/b.o: compile b.cpp\\n'
+            f'build {build}/_ext.so: link\\n" > {build}/build.ninja; sleep 1.5; touch {build}/a.o; sleep 1.5')
+    r = subprocess.run(['bash', '-c', f'source {tools}/install_mm.sh; ( {fake} ) & '
+                        f'MIXZOO_PROGRESS_S=1 watch_build {tmp_path / "src"} $! $(date +%s)'],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == '', r.stderr
+    assert 'mmcv build: 0/2 object files compiled (0%)' in r.stderr, r.stderr
+    assert re.search(r'mmcv build: 1/2 object files compiled \(50%\), 0 min so far, last: a\.o', r.stderr), r.stderr
+    r = subprocess.run(['bash', os.path.join(tools, 'env.sh')], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 and os.path.isdir(r.stdout.strip()), r
 
 
 def test_machine_allocator_names_preloads_and_settings(monkeypatch):

@@ -13,17 +13,24 @@ one run (interleaved repetitions, best of each), as a ratio.
     python tools/benchmark.py --op halo [--backward]     # an op's backends: time and peak memory
                                                        # (window, halo, neighborhood, routing, linear)
 
-Speed columns: zoo img/s, reference img/s, ratio = zoo / reference (>1: zoo faster); with
---compare-backend B also the zoo with every op forced to backend B and default / B.
-"max|d|" is the largest logit difference between zoo and reference on the timed batch with the
-reference's weights loaded into the zoo (relative to the logits' scale).
-The header names the CPU, torch threads, allocator and load the figures were measured under; progress
-(model i of n, elapsed seconds) goes to stderr.
+The table is Markdown with padded columns, a legend under it (every column, and what `-` means);
+progress (model i of n, elapsed seconds) goes to stderr. The header names the CPU, torch threads,
+allocator and load the figures were measured under.
+
+The page: a full run (no --model and default settings) writes its table into BENCHMARKS.md at the
+repository root as this machine's section (CPU model + vector ISA, e.g. "AMD EPYC, AVX-512"; the GPU for
+a CUDA run), replacing that section and keeping every other machine's; a --quick run writes the
+machine's separate "quick look" section. A run of chosen models or settings writes nothing unless
+--page PATH is given (then into the machine's "custom run" section); --no-page writes nothing.
 """
 import argparse
 import csv
+import datetime
 import fnmatch
 import os
+import platform
+import shlex
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -35,9 +42,33 @@ import timm  # noqa: E402
 
 from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
 from mixzoo._counting import gmacs, param_count  # noqa: E402
-from machine import describe  # noqa: E402  (tools/ is on sys.path: this script's folder)
+from machine import describe, machine_key  # noqa: E402  (tools/ is on sys.path: this script's folder)
+import benchpage  # noqa: E402
+from benchpage import Column  # noqa: E402
 from opbench import best_time  # noqa: E402
-from mixzoo import MODELS  # noqa: E402
+from mixzoo import FAMILIES, MODELS  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(ROOT, 'BENCHMARKS.md')
+PREAMBLE = """# Benchmarks
+
+Figures measured by `tools/benchmark.py`: every model's parameters and GMACs beside the published
+figures, and its inference throughput beside its reference model (timm's), measured side by side in one
+run. Each section holds one machine kind (CPU model and the vector instructions torch's kernels use on
+it; the GPU for a CUDA run) with the date, the machine's header (cores, threads, allocator, load) and
+the versions. A run replaces its own machine's section and keeps the others, so every figure stays with
+the CPU and the date it was measured on; `--quick` runs go to a separate "quick look" section.
+Regenerate this machine's section with
+
+```bash
+bash tools/env.sh python tools/benchmark.py           # --quick: a first look; --no-page: print only
+```
+
+Speed ratios depend on the CPU (vendor, AVX-512 or not) and on the load of the machine: compare ratios
+within one section. The sections titled "Earlier" were carried over by hand from the README, with the
+CPU and the date of each figure; the benchmark does not rewrite them.
+
+"""
 
 
 @contextmanager
@@ -83,11 +114,103 @@ class Progress:
         print(f'[{self.i}/{self.n} {time.perf_counter() - self.t0:.0f}s] {msg}', file=sys.stderr, flush=True)
 
 
-def fmt(v, spec):
-    return '-' if v is None else format(v, spec)
+def official_families():
+    """Display names of the families whose reference is the official code (no timm model to time)."""
+    fams = sorted({m.family for m in MODELS.values() if m.reference.startswith('official:')})
+    return [FAMILIES[f].cls.__name__ if f in FAMILIES else f for f in fams]
+
+
+def columns(args):
+    """The model table's columns, each with its legend line. A new measurement adds a Column here and
+    fills its key in the row dicts (speed() / main()); the table, legend, CSV and page follow."""
+    cols = [
+        Column('model', 'the zoo model (`timm.create_model` name).'),
+        Column('reference', "the model it is checked and timed against: `timm:<name>` (timed here, side by "
+                            "side) or `official:<repository>` (the authors' code, not timed here)."),
+        Column('params_M', "the zoo model's parameters, millions.", '.2f'),
+        Column('pub_params_M', 'the published parameter count (paper / model card), millions.', 'g'),
+        Column('GMACs', "the zoo model's multiply-accumulates per image at the input size, billions "
+                        "(torch.utils.flop_counter, plain linear layers, whole attention windows).", '.3f'),
+        Column('pub_GMACs', 'the published GMACs at the published resolution.', 'g'),
+        Column('dGMACs_%', 'the zoo\'s GMACs vs the published figure, in %: 100 * (GMACs - pub_GMACs) / '
+                           'pub_GMACs (only at the model\'s own input size).', '+.2f'),
+        Column('top1_pub', 'the published ImageNet-1k top-1, %.', 'g'),
+        Column('img/s', f'the zoo model\'s inference throughput, images per second (batch {args.batch_size}, '
+                        f'{args.dtype}, best of {args.reps} rounds after a warm-up).', '.4g', width=6),
+        Column('ref_img/s', 'the timm reference\'s throughput, measured in the same run, its rounds '
+                            'interleaved with the zoo\'s.', '.4g', width=6),
+        Column('ratio', 'img/s / ref_img/s, measured side by side in one run (> 1: the zoo is faster). '
+                        'Ratios move with the CPU and the load: compare them within one run.', '.2f'),
+        Column('max_diff', 'max |zoo logits - reference logits| / max |reference logits| on the timed batch, '
+                           'the reference\'s weights loaded into the zoo model.', '.1e'),
+    ]
+    if args.compare_backend:
+        b = args.compare_backend
+        cols += [Column(f'{b}_img/s', f'the zoo model with every op forced to backend `{b}`, same run.', '.4g'),
+                 Column(f'ratio_vs_{b}', f'img/s / {b}_img/s (> 1: the default backends are faster).', '.2f')]
+    return cols
+
+
+def dash_notes():
+    fams = official_families()
+    return ['`-`: nothing to show. In `pub_*`, `top1_pub` and `dGMACs_%`: no published figure for that variant '
+            '(or another input size than the published one). In the speed columns: the model was not timed '
+            '(the default job times the variants tested in full; `--speed none` times none). In `ref_img/s`, '
+            '`ratio` and `max_diff`: no timm reference to time -- the official-reference families '
+            f'({", ".join(fams)}) are compared with their authors\' code by `tools/official_bench.py --family F '
+            '--official-repo PATH`, which needs a checkout of the official repository.']
+
+
+def run_kind(args):
+    """'full' (the default job), 'quick' (--quick) or 'custom' (chosen models or settings): which section
+    of the page the run may write."""
+    if args.quick:
+        return 'quick'
+    chosen = [args.model, args.img_size, args.batch_size, args.reps, args.backend, args.compare_backend,
+              args.threads, os.environ.get('MIXZOO_BACKEND')]
+    if any(v is not None for v in chosen) or args.speed != 'default' or args.dtype != 'float32':
+        return 'custom'
+    return 'full'
+
+
+def versions():
+    """mixzoo's version and commit (+ 'local changes' when the working tree differs), and Python's."""
+    try:
+        from importlib.metadata import version
+        v = version('mixzoo')
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        v = '?'
+    commit = ''
+    try:
+        git = ['git', '-C', ROOT]
+        head = subprocess.run(git + ['rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(git + ['status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                                   text=True, timeout=20).stdout.strip()
+            commit = f' (git {head.stdout.strip()}{", local changes" if dirty else ""})'
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f'mixzoo {v}{commit}, Python {platform.python_version()}'
+
+
+def page_section(kind, argv, head, cols, rows, elapsed, device):
+    """(key, Markdown) of this run's section of the page."""
+    key = machine_key(device) + {'full': '', 'quick': ', quick look', 'custom': ', custom run'}[kind]
+    what = {'full': 'the full run', 'quick': 'a quick look (`--quick`: a first look, not a figure)',
+            'custom': 'a custom run'}[kind]
+    cmd = ' '.join(['python tools/benchmark.py'] + [shlex.quote(a) for a in argv])
+    when = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    lines = [f'## {key}', '',
+             f'Measured {when}: {what}, `{cmd}`, '
+             f'{f"{elapsed / 60:.0f} min" if elapsed >= 120 else f"{elapsed:.0f} s"}.', '',
+             '```text', *head, '```', '',
+             *benchpage.table(cols, rows), '',
+             *benchpage.legend(cols, dash_notes())]
+    return key, '\n'.join(lines)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', nargs='+', default=None, help='zoo model names or globs (default: all)')
     p.add_argument('--speed', choices=['default', 'all', 'none'], default='default',
@@ -103,11 +226,17 @@ def main(argv=None):
     p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
     p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
     p.add_argument('--csv', default=None, help='append rows to this CSV file')
+    p.add_argument('--page', default=None, metavar='PATH',
+                   help='write the table into this page, as this machine\'s section (default: BENCHMARKS.md at '
+                        'the repository root, for a full or --quick run; a run of chosen models or settings '
+                        'writes only with --page)')
+    p.add_argument('--no-page', action='store_true', help='write no page, print only')
     p.add_argument('--op', default=None, help='benchmark one op\'s backends instead (window, halo, neighborhood, '
                                                'routing, linear): time and peak memory on its family\'s shapes '
                                                '(tools/opbench.py)')
     p.add_argument('--backward', action='store_true', help='with --op: time forward+backward')
     args = p.parse_args(argv)
+    kind = run_kind(args)
     if args.batch_size is None:
         args.batch_size = 2 if args.quick else 8
     if args.reps is None:
@@ -133,16 +262,20 @@ def main(argv=None):
     timed = set(names) if (args.speed == 'all' or (args.speed == 'default' and (args.model or args.quick))) else \
         set() if args.speed == 'none' else {n for n in names if not MODELS[n].build_only}
 
-    print('\n'.join(describe(args.device)))
-    print(f'device {args.device}, batch {args.batch_size}, {args.dtype}, best of {args.reps}'
-          f'{", quick mode" if args.quick else ""}; timed: {len(timed)} of {len(names)} models', flush=True)
-    cols = ['model', 'reference', 'params_M', 'pub_params_M', 'GMACs', 'pub_GMACs', 'dGMACs_%', 'top1_pub',
-            'img/s', 'ref_img/s', 'ratio', 'max|d|']
-    if args.compare_backend:
-        cols += [f'{args.compare_backend}_img/s', f'ratio_vs_{args.compare_backend}']
-    print(' | '.join(cols))
+    forced = os.environ.get('MIXZOO_BACKEND')
+    head = describe(args.device) + [
+        f'device {args.device}, batch {args.batch_size}, {args.dtype}, best of {args.reps}'
+        f'{", quick mode" if args.quick else ""}; timed: {len(timed)} of {len(names)} models'
+        f'{f"; MIXZOO_BACKEND={forced}" if forced else ""}',
+        versions()]
+    print('\n'.join(head), flush=True)
+    cols = columns(args)
+    # widths fixed before the first row so the rows line up as they stream in (the page re-pads)
+    widths = benchpage.widths(cols, [{'model': n, 'reference': MODELS[n].reference} for n in names])
+    print('\n'.join(benchpage.header(cols, widths)), flush=True)
     rows = []
     progress = Progress(len(names))
+    t0 = time.perf_counter()
     for name in names:
         info = MODELS[name]
         size = (args.img_size or info.img_size,) * 2
@@ -150,21 +283,33 @@ def main(argv=None):
         with torch.device('meta'):
             zm = timm.create_model(name)
             params, g = param_count(zm) / 1e6, gmacs(zm, size)
-        row = dict(zip(cols, [name, info.reference, round(params, 2), info.params_m, round(g, 3), info.gmacs,
-                              round(100 * (g - info.gmacs) / info.gmacs, 2) if info.gmacs else None, info.top1]))
+        own_size = size[0] == info.img_size
+        row = {'model': name, 'reference': info.reference, 'params_M': params, 'pub_params_M': info.params_m,
+               'GMACs': g, 'pub_GMACs': info.gmacs,
+               'dGMACs_%': 100 * (g - info.gmacs) / info.gmacs if info.gmacs and own_size else None,
+               'top1_pub': info.top1}
         if name in timed:
             progress(f'{name}: timing beside {info.reference} at {size[0]}x{size[1]} (warm-up + {args.reps} rounds)')
             row.update(speed(name, info, size, args, dtype))
         rows.append(row)
-        print(' | '.join(fmt(row.get(c), '.4g') if isinstance(row.get(c), float) else
-                         ('-' if row.get(c) is None else str(row[c])) for c in cols), flush=True)
+        print(benchpage.row(cols, row, widths), flush=True)
+    elapsed = time.perf_counter() - t0
+    print('\n' + '\n'.join(benchpage.legend(cols, dash_notes())))
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=cols)
+            w = csv.DictWriter(f, fieldnames=[c.name for c in cols])
             if new:
                 w.writeheader()
             w.writerows(rows)
+    page = None if args.no_page else args.page or (PAGE if kind in ('full', 'quick') else None)
+    if page:
+        key, body = page_section(kind, argv, head, cols, rows, elapsed, args.device)
+        what = benchpage.update_page(page, key, body, PREAMBLE)
+        print(f'page: {what} the section "{key}" of {page}', file=sys.stderr, flush=True)
+    elif not args.no_page:
+        print('page: not written (a run of chosen models or settings; --page PATH writes it)', file=sys.stderr,
+              flush=True)
     progress(f'done: {len(names)} models')
     return 0
 
@@ -193,7 +338,7 @@ def speed(name, info, size, args, dtype):
         out['ref_img/s'] = bs / best['ref']
         out['ratio'] = best['ref'] / best['zoo']
         d = (outs['zoo'].double() - outs['ref'].double()).abs().max() / outs['ref'].double().abs().max()
-        out['max|d|'] = d.item()
+        out['max_diff'] = d.item()
     if 'forced' in best:
         out[f'{args.compare_backend}_img/s'] = bs / best['forced']
         out[f'ratio_vs_{args.compare_backend}'] = best['forced'] / best['zoo']

@@ -67,6 +67,21 @@ def load(cores) -> str:
     return f'load {one:.1f} / {five:.1f} (1 / 5 min){busy}'
 
 
+def isa() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to here ('AVX-512', 'AVX2', ...)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {'AVX512': 'AVX-512', 'DEFAULT': f'{platform.machine()} default kernels'}.get(cap, cap)
+
+
+def machine_key(device: str = 'cpu') -> str:
+    """What a benchmark figure is kept under: the CPU model and the vector ISA torch uses on it
+    ('AMD EPYC 7B13, AVX-512'), or the GPU for a CUDA run."""
+    if str(device).startswith('cuda') and torch.cuda.is_available():
+        return f'{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}'
+    model = re.sub(r'\((R|TM|tm)\)', '', cpu_model())
+    return f'{" ".join(model.split())}, {isa()}'
+
+
 def describe(device: str = 'cpu') -> List[str]:
     """Header lines: the machine, the software, and (for CUDA) the GPU."""
     import timm
