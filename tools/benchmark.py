@@ -127,10 +127,10 @@ def columns(args):
         Column('model', 'the zoo model (`timm.create_model` name).'),
         Column('reference', "the model it is checked and timed against: `timm:<name>` (timed here, side by "
                             "side) or `official:<repository>` (the authors' code, not timed here)."),
-        Column('params_M', "the zoo model's parameters, millions.", '.2f'),
+        Column('params_M', "the zoo model's parameters, millions.", '.2f', width=7),
         Column('pub_params_M', 'the published parameter count (paper / model card), millions.', 'g'),
         Column('GMACs', "the zoo model's multiply-accumulates per image at the input size, billions "
-                        "(torch.utils.flop_counter, plain linear layers, whole attention windows).", '.3f'),
+                        "(torch.utils.flop_counter, plain linear layers, whole attention windows).", '.3f', width=7),
         Column('pub_GMACs', 'the published GMACs at the published resolution.', 'g'),
         Column('dGMACs_%', 'the zoo\'s GMACs vs the published figure, in %: 100 * (GMACs - pub_GMACs) / '
                            'pub_GMACs (only at the model\'s own input size).', '+.2f'),
