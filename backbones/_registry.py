@@ -74,7 +74,8 @@ class Dense:
     ``no_decay`` (paramwise custom_keys), ``norm_eval``, ``backbone`` (adapter options for that task), and
     for ``seg`` ``poly_power`` and ``warmup`` (iterations). ``methods``: per-method overrides of those
     ('mask-rcnn', 'retinanet', 'upernet', 'fpn'). ``drop_path``: per task ('det' / 'seg') or method, one
-    rate per variant. ``published``: {(short name, method): the authors' published figure}."""
+    rate per variant. ``published``: {(short name, method): the authors' published figure}. ``configs``: the
+    methods that get configs (those with an official recipe, where the family has some but not all)."""
     variants: Tuple[Tuple[str, str], ...]
     note: str                                        # where the recipe comes from
     backbone: Dict = field(default_factory=dict)     # MixZooBackbone options of every config
@@ -83,6 +84,7 @@ class Dense:
     methods: Dict = field(default_factory=dict)
     drop_path: Dict = field(default_factory=dict)
     published: Dict = field(default_factory=dict)
+    configs: Tuple[str, ...] = ('mask-rcnn', 'retinanet', 'upernet', 'fpn')
 
 
 # Swin's dense-task settings (AdamW, no decay on norms / relative-position tables, a LayerNorm per output),

@@ -129,7 +129,10 @@ def _shallow_model(name, **kwargs):
     block and alternating paths still run, in a third of the time (TransNeXt-micro's stage 3 has 15)."""
     arch = MODELS[name].arch
     depths = {k: tuple(min(d, 2) for d in arch[k]) for k in ('depths', 'depth') if k in arch}
-    return randomize_(timm.create_model(name, **depths, **kwargs)).eval()
+    # per-block settings (DiNAT's dilations: a list per stage, an entry per block) cut alike
+    per_block = {k: tuple(tuple(b[:2]) for b in v) for k, v in arch.items()
+                 if k not in depths and isinstance(v, (tuple, list)) and all(isinstance(b, (tuple, list)) for b in v)}
+    return randomize_(timm.create_model(name, **depths, **per_block, **kwargs)).eval()
 
 
 @pytest.mark.parametrize('name', SMALL)

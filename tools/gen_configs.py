@@ -192,6 +192,8 @@ def files():
     for family, recipe in recipes().items():
         for i, (name, short) in enumerate(recipe['variants']):
             for task, method, sched, fn in METHODS:
+                if method not in recipe['configs']:
+                    continue
                 suffix = 'fpn_' if task == 'mmdet' else ''
                 rel = f'configs/{task}/{method}_{short}_{suffix}{sched}.py'
                 if i == 0:

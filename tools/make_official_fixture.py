@@ -54,6 +54,10 @@ def official_commit(repo: Path, given: str = None) -> str:
                      f'pass --official-commit')
 
 
+def _half_exact(t: torch.Tensor) -> torch.Tensor:
+    return (t.half() if t.is_floating_point() else t).to(t.dtype).detach().contiguous()
+
+
 @torch.no_grad()
 def make_fixture(family: str, rec, name: str, repo: Path, commit: str, command: str) -> Path:
     spec = rec.FIXTURES[name]
@@ -61,21 +65,26 @@ def make_fixture(family: str, rec, name: str, repo: Path, commit: str, command: 
     batch = spec.get('batch', 2)
     torch.manual_seed(0)
     model = randomize_(rec.build_official(str(repo), dict(spec['official_kwargs']), sizes[0]), seed=0)
-    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    tensors = {f'weights/{k}': v for k, v in weights.items()}
+    # weights and inputs take float16-representable values, stored as float16 (exactly: half the file); the
+    # official model runs on them cast back to its own dtypes
+    weights = {k: _half_exact(v) for k, v in model.state_dict().items()}
+    tensors = {f'weights/{k}': v.half() if v.is_floating_point() else v for k, v in weights.items()}
     g = torch.Generator().manual_seed(1)
     for i, size in enumerate(sizes):
         # a fresh model per size, run as built (buffers keep the dtypes the official code gives them), then in float64
         m = rec.build_official(str(repo), dict(spec['official_kwargs']), size)
         m.load_state_dict(weights, strict=True)
-        x = torch.randn(batch, 3, *size, generator=g)
-        tensors[f'input/{i}'] = x
+        x = _half_exact(torch.randn(batch, 3, *size, generator=g))
+        tensors[f'input/{i}'] = x.half()
         tensors[f'logits32/{i}'] = m.eval()(x).float().contiguous()
         tensors[f'logits64/{i}'] = m.double().eval()(x.double()).contiguous()
     meta = dict(name=name, family=family, official_repo=rec.REPO, official_commit=commit,
                 command=command, wrapper=rec.WRAPPER, zoo=spec['zoo'], zoo_kwargs=spec['zoo_kwargs'],
                 official_kwargs=spec['official_kwargs'], sizes=[list(s) for s in sizes], batch=batch,
                 torch=torch.__version__, made=datetime.date.today().isoformat(),
+                # the official code's own libraries, as imported (e.g. NATTEN for NAT / DiNAT)
+                libraries={m: getattr(sys.modules[m], '__version__', '?') for m in ('natten', 'timm', 'einops')
+                           if m in sys.modules},
                 params=sum(v.numel() for v in model.parameters()))
     from safetensors.torch import save_file
     official.FIXTURE_DIR.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,9 @@ fixture that is missing fails the test.
 
 Each file (safetensors) holds `weights/<official key>` (deterministic random weights: BN statistics,
 norm affines, temperatures and biases all perturbed), `input/<i>`, `logits32/<i>` and `logits64/<i>` (the
-official model in float32 / float64 on the same input) and its metadata (commit, command, configs).
+official model in float32 / float64 on the same input) and its metadata (commit, command, configs, the
+official code's libraries, e.g. NATTEN). Fixtures made since NAT / DiNAT store weights and inputs as float16:
+values chosen float16-representable, so the float32 / float64 runs on them are exact.
 
 | fixture | official repository | commit | config | sizes | file |
 |---|---|---|---|---|---|

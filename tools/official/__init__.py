@@ -56,6 +56,9 @@ def read_fixture(name: str):
     with safe_open(str(path), framework='pt') as f:
         meta = json.loads(f.metadata()['mixzoo'])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    weights = {k[len('weights/'):]: v for k, v in tensors.items() if k.startswith('weights/')}
-    runs = [(tensors[f'input/{i}'], tensors[f'logits32/{i}'], tensors[f'logits64/{i}']) for i in range(len(meta['sizes']))]
+    # (newer fixtures store weights and inputs as float16: float16-representable values, exact in float32)
+    weights = {k[len('weights/'):]: v.float() if v.is_floating_point() else v for k, v in tensors.items()
+               if k.startswith('weights/')}
+    runs = [(tensors[f'input/{i}'].float(), tensors[f'logits32/{i}'], tensors[f'logits64/{i}'])
+            for i in range(len(meta['sizes']))]
     return meta, weights, runs
