@@ -2,10 +2,11 @@
 
 One pass per (image, head, query block) with the window in L1: the in-map keys are gathered once
 (transposed, pre-scaled) beside the relative tables, one register-blocked product gives the q . k
-logits and the row / column relative logits together, then bias, softmax (timm's zero border keys as
-one closed-form term, as in the ``torch`` backend) and the product with the values. It reads q, k, v
-through their strides (NHWC projections: no copies) and writes an NHWC buffer returned as a
-(B, heads, Dv, Hq, Wq) view.
+logits and the row / column relative logits together, then bias, softmax (timm's zero border keys in
+closed form: three factorised blocks of (row, column) pairs, each with its own exact maximum, so that
+none underflows at large logits; ``border_blocks`` in the C file) and the product with the values. It
+reads q, k, v through their strides (NHWC projections: no copies) and writes an NHWC buffer returned
+as a (B, heads, Dv, Hq, Wq) view.
 
 Why C: eager PyTorch cannot fuse these steps on CPU. The ``torch`` backend's per-window steps are
 separate passes over memory, and its batched products go through MKL, whose fp32 path on AMD CPUs

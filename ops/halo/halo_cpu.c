@@ -4,7 +4,7 @@
  * from ops/halo/cpu.py; see there for the contract. Per task the window's in-map keys are gathered
  * once, transposed and pre-scaled, beside the relative-position tables, so that one register-blocked
  * product gives every query's q.k logits *and* its row/column relative logits; the bias add, the
- * softmax (with timm's zero border keys as one closed-form term) and the product with the values
+ * softmax (with timm's zero border keys in closed form: border_blocks) and the product with the values
  * follow while the tile is still in L1. GCC vector extensions: AVX-512 / AVX2 / NEON as -march gives.
  */
 #include <math.h>
@@ -62,6 +62,22 @@ static inline vf vscale2(vf p, vf n) { return (vf)((vi)p + (__builtin_convertvec
 #endif
 
 static inline lmask lanes_in(int lo, int hi) { return lanes_below(hi) & ~lanes_below(lo); }
+
+static inline vf vsum(vf a, vf b) { return a + b; }
+
+/* Four reductions in one shuffle network (the cost of about one hsum / hmax): lanes 0, 4, 8 and 12
+ * of the result hold OP over all lanes of a, b, c and d. */
+#define SHUF2(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#define REDUCE4(a, b, c, d, OP) ({                                                                  \
+    const vf ab = OP(SHUF2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),           \
+                     SHUF2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));     \
+    const vf cd = OP(SHUF2(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),           \
+                     SHUF2(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));     \
+    vf r_ = OP(SHUF2(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),             \
+               SHUF2(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));           \
+    r_ = OP(r_, SHUF2(r_, r_, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));               \
+    OP(r_, SHUF2(r_, r_, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));                    \
+})
 
 /* exp for x <= 0 (arguments are logits minus their row maximum): 2^n p(r), r in [-ln2/2, ln2/2],
  * degree-7 Taylor polynomial (relative error < 1e-8 before rounding). Below -86 the result is
@@ -129,9 +145,9 @@ static void gemm(int M, int N, int K, const float *A, long lda, const float *B, 
 }
 
 /* Softmax numerator of one row in place: s[0, n) = exp(s[0, n) - m), zero up to the next vector
- * boundary (s aligned, room for it); returns the sum. */
-static float exp_row(float *s, int n, float m) {
-    vf acc = {0};
+ * boundary (s aligned, room for it); returns the sum, plus hsum(extra). */
+static float exp_row(float *s, int n, float m, vf extra) {
+    vf acc = extra;
     for (int i = 0; i < n; i += VL) {
         vf e = vsel(lanes_below(n - i), vexp(*(vf *)(s + i) - m), (vf){0});
         *(vf *)(s + i) = e;
@@ -140,34 +156,71 @@ static float exp_row(float *s, int n, float m) {
     return hsum(acc);
 }
 
-static float max_row(const float *s, int n) {
-    vf mv = vsplat(-INFINITY);
+/* max(s[0, n), lanes of init) */
+static float max_row(const float *s, int n, vf init) {
+    vf mv = init;
     for (int i = 0; i < n; i += VL) mv = vmax(mv, vsel(lanes_below(n - i), *(const vf *)(s + i), mv));
     return hmax(mv);
 }
 
-/* Sums of exp(x[w] - max) over the window rows (or columns) w in [lo, hi) and outside it; x has
- * win <= VL entries (the vector may read past them: masked). Returns the max. */
-static float exp_split(const float *x, int win, int lo, int hi, float *in, float *out) {
-    const lmask inwin = lanes_below(win), inmap = lanes_in(lo, hi);
-    const vf v = vload(x);
-    const float m = hmax(vsel(inwin, v, vsplat(-INFINITY)));
-    const vf e = vexp(v - m);
-    *in = hsum(vsel(inmap, e, (vf){0}));
-    *out = hsum(vsel(inwin & ~inmap, e, (vf){0}));
-    return m;
+/* Timm's zero border keys, in closed form. A key outside the map is a zero vector: value 0, logit
+ * lh[r] + lw[c], the query's relative logits to its window row r and column c. The window rows [r0,
+ * r1) and columns [c0, c1) lie inside the map; the out-of-map keys are the pairs (r, c) of (rows out,
+ * columns in), (rows out, columns out), (rows in, columns out). Each of these three blocks of pairs
+ * factorises: its weights sum to RS * CS * exp(RM + CM - m), RM / RS the maximum of its rows' lh and
+ * the sum of exp(lh - RM) over them (CM / CS the same for its columns), and RM + CM is the block's
+ * largest logit. Returned as lanes 0-2 of *bmax (RM + CM) and *bsum (RS CS); an empty group has
+ * maximum -inf and sum 0, so its blocks are -inf / 0, as are lanes 3-15.
+ * Each group has its own maximum (its sum is >= 1), and the row's maximum takes the blocks' exact
+ * largest logits. At large logits both matter: with one maximum for a window's in-map and out-of-map
+ * rows, out-of-map rows whose lh lie ~87 below the in-map ones' underflow to 0 although their keys
+ * may dominate the softmax (the q . k terms very negative); and max(lh) + max(lw) over the whole
+ * window, the bound used before, need not be any key's logit: when it lies ~87 above all of them
+ * every weight underflows. (Output errors of O(1) at logits of std ~64; now as `reference`'s.) */
+static inline void border_blocks(vf m, vf e, vf *bmax, vf *bsum) {
+    /* m, e: lanes 0-3 / 4-7 / 8-11 / 12-15 the maximum / sum of rows in, rows out, columns in, columns out */
+    const lmask three = lanes_below(3);
+    *bmax = vsel(three, __builtin_shufflevector(m, m, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0) +
+                            __builtin_shufflevector(m, m, 8, 12, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                 vsplat(-INFINITY));
+    *bsum = vsel(three, __builtin_shufflevector(e, e, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0) *
+                            __builtin_shufflevector(e, e, 8, 12, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                 (vf){0});
+}
+
+/* The group maxima and sums from lh and lw (win <= VL entries each; the vectors read past them:
+ * masked), all four groups in one shuffle network per reduction. */
+static void border(const float *lh, const float *lw, int win, int r0, int r1, int c0, int c1, vf *bmax, vf *bsum) {
+    const lmask inwin = lanes_below(win), rin = lanes_in(r0, r1), rout = inwin & ~rin, cin = lanes_in(c0, c1),
+                cout = inwin & ~cin;
+    const vf h = vload(lh), w = vload(lw), ninf = vsplat(-INFINITY), zero = {0};
+    const vf m = REDUCE4(vsel(rin, h, ninf), vsel(rout, h, ninf), vsel(cin, w, ninf), vsel(cout, w, ninf), vmax);
+    /* lanes outside a group (or subtracting an empty group's -inf) are masked below */
+    const vf eh = vexp(h - vsel(rin, vsplat(m[0]), vsplat(m[4])));
+    const vf ew = vexp(w - vsel(cin, vsplat(m[8]), vsplat(m[12])));
+    const vf e = REDUCE4(vsel(rin, eh, zero), vsel(rout, eh, zero), vsel(cin, ew, zero), vsel(cout, ew, zero), vsum);
+    border_blocks(m, e, bmax, bsum);
 }
 
 /* The same for any win, one element at a time. */
-static float exp_split_scalar(const float *x, int win, int lo, int hi, float *in, float *out) {
-    float m = x[0], si = 0, so = 0;
-    for (int w = 1; w < win; w++) m = x[w] > m ? x[w] : m;
-    for (int w = 0; w < win; w++) {
-        const float e = expf(x[w] - m);
-        if (w >= lo && w < hi) si += e; else so += e;
+static void border_scalar(const float *lh, const float *lw, int win, int r0, int r1, int c0, int c1, vf *bmax,
+                          vf *bsum) {
+    float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, sum[4] = {0};
+    for (int p = 0; p < 2; p++) {
+        const float *x = p ? lw : lh;
+        const int lo = p ? c0 : r0, hi = p ? c1 : r1;
+        for (int w = 0; w < win; w++) {
+            const int g = 2 * p + !(w >= lo && w < hi);
+            mx[g] = x[w] > mx[g] ? x[w] : mx[g];
+        }
+        for (int w = 0; w < win; w++) {
+            const int g = 2 * p + !(w >= lo && w < hi);
+            sum[g] += expf(x[w] - mx[g]);
+        }
     }
-    *in = si, *out = so;
-    return m;
+    vf m, e;
+    for (int l = 0; l < VL; l++) m[l] = mx[l / 4], e[l] = sum[l / 4];
+    border_blocks(m, e, bmax, bsum);
 }
 
 typedef struct { const float *p; long s[5]; } view5;   /* (B, heads, D, H, W) strides, in elements */
@@ -282,20 +335,15 @@ int mz_halo_forward(const float *q, const long *qs, const float *k, const long *
                     for (int r = 0; r < nr; r++)
                         for (int c = 0; c < nc; c++) s[r * nc + c] += lh[dr + r] + lw[dc + c];
                 }
-                float m = max_row(s, nk), mh = 0, mw = 0, a_in = 0, a_out = 0, b_in = 0, b_out = 0;
-                if (n_out && T) {
-                    float (*split)(const float *, int, int, int, float *, float *) =
-                        win <= VL ? exp_split : exp_split_scalar;
-                    mh = split(lh, win, dr, dr + nr, &a_in, &a_out);
-                    mw = split(lw, win, dc, dc + nc, &b_in, &b_out);
-                }
-                if (n_out && mh + mw > m) m = mh + mw;
-                float denom = exp_row(s, nk, m);
-                /* zero keys outside the map: logit lh[r] + lw[c], value 0. Their weights sum to
-                 * A_out (B_in + B_out) + A_in B_out, A / B the sums over the window's out-of-map /
-                 * in-map rows and columns (no cancellation). Without relative terms: n_out e^-m. */
-                if (n_out)
-                    denom += T ? (a_out * (b_in + b_out) + a_in * b_out) * expf(mh + mw - m) : n_out * expf(-m);
+                /* zero keys outside the map (border_blocks): their blocks' largest logits enter the
+                 * row's maximum, their weights its sum. Without relative terms: n_out keys of logit 0. */
+                vf bmax = vsplat(-INFINITY), bsum = {0};
+                if (n_out && T)
+                    (win <= VL ? border : border_scalar)(lh, lw, win, dr, dr + nr, dc, dc + nc, &bmax, &bsum);
+                else if (n_out)
+                    bmax = vsel(lanes_below(1), (vf){0}, bmax), bsum = vsel(lanes_below(1), vsplat(n_out), bsum);
+                const float m = max_row(s, nk, bmax);
+                const float denom = exp_row(s, nk, m, bsum * vexp(bmax - m));   /* vexp(-inf) = e^-86: times 0 */
                 inv[t] = 1.0f / denom;
             }
             gemm(n, Dvp, nk, S, ld, vt, Dvp, ob, Dvp);
