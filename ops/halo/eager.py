@@ -80,26 +80,29 @@ def _rel_tables(Qb: torch.Tensor, rel_h, rel_w, bq: int, win: int) -> torch.Tens
 def _outside_logits(rel, rows, cols, win: int, dtype, device) -> torch.Tensor:
     """log sum over each window's out-of-map keys (r, c) of exp(lh[r] + lw[c]) -- zero keys, so the
     logit is the relative part alone -- for every window at once: (nbh, nbw, BH | 1, nq | 1).
-    sum = A_out * (B_in + B_out) + A_in * B_out with A / B the sums of exp over the window's
-    out-of-map / in-map rows and columns (each term summed directly: no cancellation); one bmm
-    against 0/1 indicators gives the four sums of every window (few ops: short reductions are slow)."""
+    The out-of-map pairs are three blocks, (out rows x in cols), (out x out), (in rows x out cols); a
+    block's sum is the product of its row and column sums, so with each group of rows / columns reduced
+    around its own maximum, every block's log-sum is exact however far the groups' logits lie apart (one
+    shared maximum would underflow a group that lies 90 below another, though it may dominate the row)."""
     nbh, nbw = len(rows), len(cols)
     if rel is None:   # logit 0 each: log of the count
         n_out = [[win * win - (r1 - r0) * (c1 - c0) for c0, c1, _ in cols] for r0, r1, _ in rows]
         return torch.tensor(n_out, dtype=dtype, device=device).log().view(nbh, nbw, 1, 1)
     r_in, c_in = (torch.tensor([[d <= w < d + b - a for w in range(win)] for a, b, d in spans], device=device)
                   for spans in (rows, cols))                             # (blocks, win) bool
-    ind = torch.zeros(nbh, nbw, 2 * win, 4, dtype=dtype, device=device)  # [a_in a_out b_in b_out]
-    ind[:, :, :win, 0], ind[:, :, :win, 1] = r_in[:, None], ~r_in[:, None]
-    ind[:, :, win:, 2], ind[:, :, win:, 3] = c_in[None], ~c_in[None]
-    ind = ind.view(nbh * nbw, 2 * win, 4)
+    inside = torch.stack([r_in[:, None].expand(nbh, nbw, win), c_in[None].expand(nbh, nbw, win)], -2)[:, :, None]
     BH, nq = rel.shape[2:4]
-    R = rel.view(nbh * nbw, BH * nq, 2, win)
-    m = R.amax(-1, keepdim=True)
-    E = (R - m).exp_()
-    a_in, a_out, b_in, b_out = torch.bmm(E.view(nbh * nbw, BH * nq, 2 * win), ind).unbind(-1)
-    lse = (a_out * (b_in + b_out) + a_in * b_out).log() + m.sum((-2, -1))
-    return lse.view(nbh, nbw, BH, nq)
+    R = rel.view(nbh, nbw, BH * nq, 2, win)
+    low = torch.finfo(R.dtype).min / 4       # an empty group: finite, so no NaN reaches any gradient
+
+    def group_lse(mask):                     # (nbh, nbw, BH * nq, 2): log-sum-exp over each axis' masked entries
+        x = R.masked_fill(~mask, float('-inf'))
+        some = mask.any(-1)
+        m = torch.where(some, x.amax(-1), 0.)
+        return torch.where(some, (x - m[..., None]).exp().sum(-1).clamp_min(1).log() + m, low)   # (sum >= 1)
+    (a_in, b_in), (a_out, b_out) = group_lse(inside).unbind(-1), group_lse(~inside).unbind(-1)
+    blocks = torch.stack([a_out + b_in, a_out + b_out, a_in + b_out], -1)
+    return torch.logsumexp(blocks, -1).view(nbh, nbw, BH, nq)
 
 
 def _half(t: torch.Tensor) -> bool:

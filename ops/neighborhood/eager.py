@@ -107,9 +107,10 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None
     m = torch.maximum(s.amax(-1, keepdim=True), lse)                       # finite: lse is
     a = torch.exp(s - m)
     a_e = torch.exp(lse - m)
+    ct = torch.promote_types(qt.dtype, torch.float32)      # (half types merge in float32, float64 stays)
     if ww is None:
-        o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).float() + a_e * o_e.view(B, h, t, W, -1).float()
+        o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).to(ct) + a_e * o_e.view(B, h, t, W, -1).to(ct)
         return (o / (a.sum(-1, keepdim=True) + a_e)).to(qt.dtype)
     inv = 1.0 / (a.sum(-1, keepdim=True) + a_e)
     pw = (a * inv + ww).to(vg.dtype)
-    return ((pw.unsqueeze(-2) @ vg).squeeze(-2).float() + (a_e * inv) * o_e.view(B, h, t, W, -1).float()).to(qt.dtype)
+    return ((pw.unsqueeze(-2) @ vg).squeeze(-2).to(ct) + (a_e * inv) * o_e.view(B, h, t, W, -1).to(ct)).to(qt.dtype)
