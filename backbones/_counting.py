@@ -24,9 +24,10 @@ def gmacs(model: nn.Module, size, by_op: bool = False):
     if cpu_flash is not None:
         extra[cpu_flash] = getattr(sdpa_flop, '__wrapped__', sdpa_flop)   # FlopCounterMode adds the shape wrapper
     # counted as the architecture is defined: linear layers as linear (not their oneDNN conv route) and
-    # halo attention over whole windows (its fast path skips the zero keys outside the map)
+    # halo attention over whole windows (its fast path skips the zero keys outside the map), neighborhood attention
+    # over its windows (its fast path multiplies whole key regions)
     with FlopCounterMode(display=False, custom_mapping=extra) as fc, torch.no_grad(), _onednn.disabled(), \
-            forcing(halo='reference'):
+            forcing(halo='reference', neighborhood='reference'):
         model.eval()(x)
     total = fc.get_total_flops() / 2e9
     if not by_op:

@@ -44,8 +44,14 @@ def match_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
     pruned = getattr(model, 'pruned_keys', frozenset())
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     classifier, first_conv = _prefix(cfg, 'classifier'), _prefix(cfg, 'first_conv')
+    # a model built with num_classes=0 has no head beyond the pooling; a checkpoint's head may hold more than
+    # the classifier (SHViT's BatchNorm1d beside its linear): the whole head module is what the model left out
+    headless = getattr(model, 'num_classes', None) == 0 and classifier and classifier.count('.') > 1
+    head_module = classifier.rsplit('.', 2)[0] + '.' if headless else None
 
     def adapted(k, a=None, b=None):
+        if head_module and k.startswith(head_module) and k not in own:
+            return True
         if classifier and k.startswith(classifier):
             return a is None or b is None or tuple(a[1:]) == tuple(b[1:])       # class count only
         if first_conv and k.startswith(first_conv) and a is not None and b is not None:

@@ -328,6 +328,24 @@ def test_odd_size_runs_and_backends_agree(name):
     assert rel_err(a, exact) < 1e-5, f'float32: the default backends are {rel_err(a, exact):.1e} from float64'
 
 
+@pytest.mark.parametrize('name', sorted(FIRST.values()))
+def test_full_checkpoint_loads_into_other_heads(name, tmp_path):
+    """A whole-model checkpoint loads as timm's loader would into a model built with num_classes=0 (the
+    head, classifier and whatever beside it, left out: SHViT's BatchNorm1d) and with another class count
+    (a fresh classifier); the pooled features equal the full model's."""
+    full = randomize_(timm.create_model(name)).eval()
+    path = tmp_path / f'{name}.pth'
+    torch.save(full.state_dict(), path)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        want = full.forward_head(full.forward_features(x), pre_logits=True)
+        for classes in (0, 7):
+            m = timm.create_model(name, num_classes=classes, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+            assert rel_err(m.forward_head(m.forward_features(x), pre_logits=True), want) < 1e-6
+            assert m(x).shape == ((1, m.num_features) if classes == 0 else (1, classes))
+
+
 def test_poolformer_original_release_layout_loads(tmp_path):
     """sail-sg/poolformer's own key layout (network.*, patch_embed, layer_scale_1) goes through
     checkpoint_filter_fn to the same logits."""

@@ -35,13 +35,31 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
     torch.testing.assert_close(out, want)
 
 
-def test_torch_backend_across_tiles(monkeypatch):
+@pytest.mark.parametrize('border,dilation', [('shift', 1), ('shift', 3), ('mask', 2)])
+@pytest.mark.parametrize('extra', [False, True])
+def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra):
+    """Both paths of the torch backend cut the map into many pieces and still equal the reference, forward and
+    backward: query-row tiles of the gathered path (extra keys), query tiles, their key regions (clamped at the
+    far edges) and chunks of tile rows of the blocked path, dilation groups of two lengths (17 = 3 * 6 - 1)."""
     from mixzoo.ops.neighborhood import eager as nb_torch
-    q, k, v = (torch.randn(1, 2, 9, 7, 8, dtype=torch.float64) for _ in range(3))
-    rpb = torch.randn(2, 5, 5, dtype=torch.float64)
-    want = neighborhood_attention(q, k, v, 3, rpb=rpb, backend='reference')
-    monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10)     # 1 row of 7 per tile
-    torch.testing.assert_close(neighborhood_attention(q, k, v, 3, rpb=rpb, backend='torch'), want)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 17, 13, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64, generator=g).requires_grad_()
+    kw = dict(rpb=rpb, border=border)
+    if extra:
+        kw.update(extra_k=torch.randn(2, 2, 4, 8, dtype=torch.float64, generator=g),
+                  extra_v=torch.randn(2, 2, 4, 8, dtype=torch.float64, generator=g))
+    monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10)     # gathered path: 1 row of 13 per tile
+    monkeypatch.setattr(nb_torch, 'TILE_SIDE', 2)        # blocked path: 2 x 2 query tiles, one tile row per chunk
+    monkeypatch.setattr(nb_torch, 'CHUNK_BYTES', 1)
+    outs, grads = [], []
+    for backend in ('reference', 'torch'):
+        out = neighborhood_attention(q, k, v, 3, dilation, backend=backend, **kw)
+        grads.append(torch.autograd.grad(out, (q, k, v, rpb), torch.ones_like(out)))
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
 def test_bad_arguments_are_named():

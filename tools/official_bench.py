@@ -26,6 +26,30 @@ def cpu_model() -> str:
     return f'{machine.cpu_model()}, {torch.get_num_threads()} torch threads, allocator: {machine.allocator()}'
 
 
+def op_table(rec, args):
+    """The zoo's op (its default backend here) beside the official library's kernels, on the shapes the recipe
+    declares (``OP_SHAPES``: {label: (op kwargs, tensor shapes)}, ``official_op`` / ``zoo_op``): forward under
+    no_grad and forward+backward, interleaved, best of ``--reps``."""
+    from opbench import best_time
+    print(f'# op: {rec.OP_NAME} vs the official library, CPU: {cpu_model()}, torch {torch.__version__}')
+    print(f'| {"shape":<40} | pass             | official ms | zoo ms | official / zoo |\n|---|---|---|---|---|')
+    for label, shapes in rec.OP_SHAPES.items():
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(s, generator=g) for s in shapes['tensors']]
+        for what, grad in (('forward', False), ('forward+backward', True)):
+            leaves = [t.clone().requires_grad_(grad) for t in inputs]
+
+            def run(fn):
+                with torch.set_grad_enabled(grad):
+                    out = fn(*leaves, **shapes['kwargs'])
+                    if grad:
+                        out.sum().backward()
+            t = best_time({'official': lambda: run(rec.official_op), 'zoo': lambda: run(rec.zoo_op)},
+                          args.reps, 'cpu')
+            print(f'| {label:<40} | {what:<16} | {1e3 * t["official"]:11.1f} | {1e3 * t["zoo"]:6.1f} | '
+                  f'{t["official"] / t["zoo"]:13.2f}x |')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--family', required=True)
@@ -36,9 +60,14 @@ def main(argv=None):
     ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--memory-size', type=int, default=1024, help='input side for the peak-memory row (0: skip)')
     ap.add_argument('--no-backward', action='store_true')
+    ap.add_argument('--ops-only', action='store_true', help="only the op table (recipes that declare OP_SHAPES)")
     args = ap.parse_args(argv)
     rec = recipes.recipe(args.family)
     repo = str(args.official_repo.resolve())
+    if hasattr(rec, 'OP_SHAPES'):
+        op_table(rec, args)
+        if args.ops_only:
+            return 0
     name = rec.VARIANTS[args.variant]
     official = rec.build_variant(repo, args.variant, (args.size, args.size))
     import timm

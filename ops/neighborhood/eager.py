@@ -1,7 +1,17 @@
-"""Neighborhood attention fast path in plain PyTorch: query rows in tiles, so the gathered K/V
-windows and the logits (window + extra keys) exist for one tile at a time (memory bounded by the
-tile, not the map); window logits and outputs by batched matmuls instead of broadcast products.
-An extra bias given as a ``GridBias`` is expanded one tile at a time too.
+"""Neighborhood attention fast path in plain PyTorch.
+
+Without extra keys or window weights (NAT / DiNAT): blocked dense products. The queries are cut into
+small square tiles; each tile's windows all lie in one key region of (tile + kernel - 1)^2 keys, so a
+tile's logits come from one matmul against its region, its window slots are picked from them, and after
+the softmax its probabilities are scattered back onto the region for one more matmul with the region's
+values. A quarter of the products are used (tile 8, kernel 7), but as large batched matmuls, where a
+gather of every query's window runs at memory speed (7x7 windows copy K and V 49 times). Dilation splits
+the map into its dilation groups (positions congruent modulo the dilation), each a dilation-free map.
+
+With extra keys (TransNeXt): query rows in tiles, so the gathered K/V windows and the logits (window +
+extra keys) exist for one tile at a time (memory bounded by the tile, not the map); window logits and
+outputs by batched matmuls instead of broadcast products. An extra bias given as a ``GridBias`` is
+expanded one tile at a time too.
 
 Inference on CPU with extra keys: the extra-key attention runs in SDPA's fused kernel, which also
 returns its log-sum-exp, and is merged with the window part as two pieces of one softmax
@@ -12,12 +22,17 @@ import torch
 
 from . import geometry as G
 
-TILE_TOKENS = 4096     # queries per tile
+TILE_TOKENS = 4096     # queries per tile (gathered path)
+TILE_SIDE = 8          # query tile side (blocked path)
+CHUNK_BYTES = 1 << 22  # logits buffer per chunk of tiles (blocked path)
 
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask', window_weights=None):
-    """Query-row tiles: gathered windows + extra keys, one softmax, batched matmuls."""
+    """Blocked dense products without extra keys; else query-row tiles: gathered windows + extra keys, one
+    softmax, batched matmuls."""
+    if extra_k is None and window_weights is None:
+        return _dilated(q, k, v, kernel, dilation, rpb, q.shape[-1] ** -0.5 if scale is None else scale, border)
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
     K2 = kernel * kernel
@@ -114,3 +129,64 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None
     inv = 1.0 / (a.sum(-1, keepdim=True) + a_e)
     pw = (a * inv + ww).to(vg.dtype)
     return ((pw.unsqueeze(-2) @ vg).squeeze(-2).to(ct) + (a_e * inv) * o_e.view(B, h, t, W, -1).to(ct)).to(qt.dtype)
+
+
+def _dilated(q, k, v, kernel, dilation, rpb, scale, border):
+    """Each dilation group (rows a, a + d, ...; columns b, b + d, ...) is a dilation-free map: groups of one
+    size are folded into the batch and attended together (2 x 2 sizes at most: d divides H or not)."""
+    if dilation == 1:
+        return _blocked(q, k, v, kernel, rpb, scale, border)
+    B, h, H, W, _ = q.shape
+    out = None
+    for rows in _groups(H, dilation, q.device):
+        for cols in _groups(W, dilation, q.device):
+            ri, ci = rows[:, None, :, None], cols[None, :, None, :]       # (na, nb, L, M) positions
+            na, nb, L, M = ri.shape[0], ci.shape[1], ri.shape[2], ci.shape[3]
+
+            def fold(t):    # (B, h, na, nb, L, M, D) -> (B * na * nb, h, L, M, D)
+                return t[:, :, ri, ci].permute(0, 2, 3, 1, 4, 5, 6).reshape(B * na * nb, h, L, M, t.shape[-1])
+            o = _blocked(fold(q), fold(k), fold(v), kernel, rpb, scale, border)
+            o = o.view(B, na, nb, h, L, M, -1).permute(0, 3, 1, 2, 4, 5, 6)
+            if out is None:
+                out = o.new_empty(B, h, H, W, o.shape[-1])
+            out[:, :, ri, ci] = o       # (every position lies in exactly one group: all of out is written)
+    return out
+
+
+def _groups(n: int, d: int, device):
+    """An axis' dilation groups (positions a, a + d, ...), by length: one (groups, length) index each."""
+    groups = [torch.arange(a, n, d) for a in range(min(d, n))]
+    return [torch.stack([g for g in groups if len(g) == size]).to(device)
+            for size in sorted({len(g) for g in groups}, reverse=True)]
+
+
+def _blocked(q, k, v, kernel, rpb, scale, border):
+    """Dilation-free neighborhood attention of (P, h, H, W, D) maps by query tiles (see the module doc)."""
+    P, h, H, W, D = q.shape
+    side = TILE_SIDE
+    ty = H if H <= side + kernel - 1 else side      # (a map not much wider than a window: one region)
+    tx = W if W <= side + kernel - 1 else side
+    qy, qx, ry, rx, slot, valid, rel = G.tiles(H, W, kernel, border, ty, tx, q.device)
+    nty, ntx, T, K2 = slot.shape
+    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype   # softmax dtype
+    add = torch.zeros(valid.shape, dtype=ct, device=q.device).masked_fill(~valid, float('-inf'))
+    if rpb is not None:
+        add = add + rpb.reshape(h, -1)[:, rel].to(ct)                     # (h, nty, ntx, T, k*k)
+    R = ry.shape[1] * rx.shape[1]
+    # tile rows a chunk at a time: a chunk's logits over its regions stay about CHUNK_BYTES (cache-sized
+    # buffers, reused by the allocator, where whole-map ones cost page faults on every call)
+    step = max(1, min(nty, CHUNK_BYTES // max(1, P * h * ntx * T * R * q.element_size())))
+    outs = []
+    for a in range(0, nty, step):
+        b = min(nty, a + step)
+        yq, xq = qy[a:b, None, :, None], qx[None, :, None, :]            # (n, ntx, ty, tx) queries
+        yr, xr = ry[a:b, None, :, None], rx[None, :, None, :]            # (n, ntx, Ry, Rx) regions
+        qt = q[:, :, yq, xq].flatten(4, 5)                                # (P, h, n, ntx, T, D)
+        kr, vr = k[:, :, yr, xr].flatten(4, 5), v[:, :, yr, xr].flatten(4, 5)
+        idx = slot[a:b].expand(P, h, b - a, ntx, T, K2)
+        s = (qt @ kr.transpose(-1, -2)).gather(-1, idx).to(ct) * scale + add[..., a:b, :, :, :]
+        p = torch.softmax(s, dim=-1).to(v.dtype)                          # (P, h, n, ntx, T, k*k)
+        full = p.new_zeros(P, h, b - a, ntx, T, R).scatter_add(-1, idx, p)
+        outs.append((full @ vr).view(P, h, b - a, ntx, ty, tx, -1).permute(0, 1, 2, 4, 3, 5, 6))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return o.reshape(P, h, nty * ty, ntx * tx, -1)[:, :, :H, :W]

@@ -125,3 +125,47 @@ def bias_rows(extra_bias, r0: int, r1: int):
     if isinstance(extra_bias, GridBias):
         return extra_bias.rows(r0, r1)
     return extra_bias[..., r0:r1, :, :]
+
+
+def _axis_tiles(n: int, kernel: int, border: str, tile: int):
+    """One axis of a dilation-free map cut into query tiles of ``tile`` (the last one clamped: its extra
+    queries repeat the last position) and, per tile, the key region that holds every window of its queries
+    (``tile + kernel - 1`` keys, inside the map). -> (queries (nt, tile), region (nt, R), key slot of every
+    query's window in its tile's region (nt, tile, k), valid (nt, tile, k), rel (nt, tile, k) rpb offsets)."""
+    pos, valid, rel = axis_windows(n, kernel, 1, border)
+    nt = -(-n // tile)
+    R = min(n, tile + kernel - 1)
+    q = torch.arange(nt * tile).clamp(max=n - 1).view(nt, tile)
+    start = (torch.arange(nt) * tile - kernel // 2).clamp(0, n - R)
+    region = start[:, None] + torch.arange(R)
+    local = (pos[q] - start[:, None, None]).clamp(0, R - 1)              # (clamped keys are masked: valid)
+    return q, region, local, valid[q], rel[q]
+
+
+def _tiles(H: int, W: int, kernel: int, border: str, ty: int, tx: int) -> Tuple[torch.Tensor, ...]:
+    (qy, ry, ly, vy, rely), (qx, rx, lx, vx, relx) = (_axis_tiles(H, kernel, border, ty),
+                                                      _axis_tiles(W, kernel, border, tx))
+    Rx, k = rx.shape[1], kernel
+    # (nty, ntx, ty*tx, k*k): a query's window slot (a, b) -> its key's place in the tile's region (row-major)
+    slot = ly[:, None, :, None, :, None] * Rx + lx[None, :, None, :, None, :]
+    valid = vy[:, None, :, None, :, None] & vx[None, :, None, :, None, :]
+    rel = (rely[:, None, :, None, :, None] + k - 1) * (2 * k - 1) + relx[None, :, None, :, None, :] + k - 1
+    shape = (qy.shape[0], qx.shape[0], ty * tx, k * k)
+    return qy, qx, ry, rx, slot.reshape(shape), valid.reshape(shape), rel.reshape(shape)
+
+
+@lru_cache(maxsize=64)
+def _tiles_np(H: int, W: int, kernel: int, border: str, ty: int, tx: int):
+    return tuple(t.numpy() for t in _tiles(H, W, kernel, border, ty, tx))
+
+
+def tiles(H: int, W: int, kernel: int, border: str, ty: int, tx: int, device) -> Tuple[torch.Tensor, ...]:
+    """A dilation-free H x W map in ty x tx query tiles (see _axis_tiles): (query rows (nty, ty), query
+    columns (ntx, tx), region rows (nty, Ry), region columns (ntx, Rx), window slots in the region
+    (nty, ntx, ty*tx, k*k), valid (same), flat rpb index (same) into a (2k-1) x (2k-1) table). Cached as
+    numpy arrays for eager calls, rebuilt under tracing (as ``windows``)."""
+    if torch.compiler.is_compiling():
+        tables = _tiles(H, W, kernel, border, ty, tx)
+    else:
+        tables = tuple(torch.from_numpy(a) for a in _tiles_np(H, W, kernel, border, ty, tx))
+    return tuple(t.to(device) for t in tables)

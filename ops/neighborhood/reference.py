@@ -14,7 +14,8 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     idx, valid, rr, rc = G.windows(H, W, kernel, dilation, border, q.device)
     kg = k.reshape(B, h, H * W, D)[:, :, idx]                        # (B, h, H, W, k*k, D)
     vg = v.reshape(B, h, H * W, v.shape[-1])[:, :, idx]
-    s = (q.unsqueeze(-2) * kg).sum(-1) * scale
+    # (products as matmuls: the MAC counter counts the window products through this oracle)
+    s = (q.unsqueeze(-2) @ kg.transpose(-1, -2)).squeeze(-2) * scale
     if rpb is not None:
         s = s + G.rel_bias(rpb, rr, rc)
     s = s.masked_fill(~valid, float('-inf'))
@@ -26,7 +27,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     p = torch.softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1).to(v.dtype)
     K2 = kernel * kernel
     pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights.masked_fill(~valid, 0)
-    out = (pw[..., None] * vg).sum(-2)
+    out = (pw.unsqueeze(-2) @ vg).squeeze(-2)
     if extra_k is not None:
         out = out + torch.einsum('bhxyp,bhpd->bhxyd', p[..., K2:], extra_v)
     return out

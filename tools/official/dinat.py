@@ -37,5 +37,5 @@ VARIANTS = {v: f'mz_dinat_{v}' for v in ('mini', 'tiny', 'small', 'base', 'large
 
 
 def build_variant(repo: str, variant: str, size: tuple):
-    """The released architecture ``dinat_<variant>`` (drop path off: the comparison runs in eval mode)."""
-    return getattr(_nat.module(repo, 'dinat'), f'dinat_{variant}')(drop_path_rate=0.)
+    """The released architecture ``dinat_<variant>`` (its own drop-path rate: the comparison runs in eval mode)."""
+    return getattr(_nat.module(repo, 'dinat'), f'dinat_{variant}')()

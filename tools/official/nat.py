@@ -37,5 +37,24 @@ VARIANTS = {v: f'mz_nat_{v}' for v in ('mini', 'tiny', 'small', 'base')}
 
 
 def build_variant(repo: str, variant: str, size: tuple):
-    """The released architecture ``nat_<variant>`` (drop path off: the comparison runs in eval mode anyway)."""
-    return getattr(module(repo, 'nat'), f'nat_{variant}')(drop_path_rate=0.)
+    """The released architecture ``nat_<variant>`` (its own drop-path rate: the comparison runs in eval mode)."""
+    return getattr(module(repo, 'nat'), f'nat_{variant}')()
+
+
+# op anchor for tools/official_bench.py: NATTEN's CPU kernels (na2d_qk with rpb, softmax, na2d_av: what NAT's
+# module runs) beside the zoo's op at NAT-T's stage shapes (B, heads, H, W, head dim), float32
+OP_NAME = 'neighborhood attention (border shift, rpb)'
+OP_SHAPES = {f'{label}: {B}x{h}x{H}x{H}x32, k7 d{d}': dict(
+    tensors=[(B, h, H, H, 32)] * 3 + [(h, 13, 13)], kwargs=dict(kernel=7, dilation=d))
+    for label, B, h, H, d in (('NAT-T stage 1', 8, 2, 56, 1), ('NAT-T stage 3', 8, 8, 14, 1),
+                              ('DiNAT-T stage 1', 8, 2, 56, 8))}
+
+
+def official_op(q, k, v, rpb, kernel, dilation):
+    from natten.functional import na2d_av, na2d_qk
+    return na2d_av(na2d_qk(q * 32 ** -0.5, k, kernel, dilation, rpb=rpb).softmax(-1), v, kernel, dilation)
+
+
+def zoo_op(q, k, v, rpb, kernel, dilation):
+    from mixzoo.ops import neighborhood_attention
+    return neighborhood_attention(q, k, v, kernel, dilation, rpb=rpb, border='shift')
