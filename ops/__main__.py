@@ -1,5 +1,6 @@
 """``python -m mixzoo.ops info``: every op x backend, what it supports, and whether it can run here; and the state of
-the oneDNN linear route (``ops._onednn``), the second switch of what a model runs."""
+the oneDNN linear route (``ops._onednn``), the second switch of what a model runs. ``info --gpu-compile``: every
+Triton kernel compiled ahead of time for sm_80 and sm_90 (``ops._aot``), a table per kernel."""
 import argparse
 import sys
 
@@ -35,10 +36,36 @@ def info(out=None) -> None:
                 print(f'  {"":10s} here, {dev}/{str(dt).replace("torch.", "")}: {state}', file=out)
 
 
+def gpu_compile(ops, ptxas, json_path=None, out=None) -> int:
+    """Every Triton kernel compiled ahead of time for sm_80 / sm_90 (``mixzoo.ops._aot``): its table per kernel;
+    1 if a compile failed or a config a launch takes overflows shared memory."""
+    import json
+    import time
+    from . import _aot
+    out = out or sys.stdout
+    t0 = time.perf_counter()
+    rows = _aot.run_workers(ops or sorted(_aot.CASES), ptxas)
+    print(_aot.table(rows), file=out)
+    print(_aot.summary(rows, time.perf_counter() - t0), file=out)
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(rows, f, indent=1)
+    return int(any(r['status'] in _aot.FAILED for r in rows))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m mixzoo.ops')
     p.add_argument('command', choices=['info'], nargs='?', default='info')
-    p.parse_args(argv)
+    p.add_argument('--gpu-compile', action='store_true',
+                   help='compile every Triton kernel (every autotune config, dtype) for sm_80 and sm_90 ahead of time, '
+                        'no GPU needed: shared memory, registers, spills per kernel (minutes on a cold cache)')
+    p.add_argument('--op', action='append', help='with --gpu-compile: only this op (repeatable)')
+    p.add_argument('--ptxas', default='all', help="with --gpu-compile: the (dtype, arch) pairs compiled through ptxas "
+                   "for registers / spills: 'all' (default), 'none', or e.g. bfloat16@sm_90,float16@sm_80")
+    p.add_argument('--json', help='with --gpu-compile: write the rows here')
+    a = p.parse_args(argv)
+    if a.gpu_compile:
+        return gpu_compile(a.op, [] if a.ptxas == 'none' else a.ptxas.split(','), a.json)
     info()
     return 0
 

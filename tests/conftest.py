@@ -1,6 +1,7 @@
 """Test setup: Triton kernels run under the interpreter when there is no GPU (must be decided
 before triton is first imported), seeded RNG, and in CI no test may skip for a missing dependency."""
 import os
+import shutil
 import tempfile
 
 import torch
@@ -62,3 +63,31 @@ def pytest_collection_modifyitems(config, items):
     end while the other has nothing to do (with --dist worksteal the short ones fill the gaps)."""
     if _WORKERS > 1:
         items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
+def _controller(config) -> bool:
+    return not hasattr(config, 'workerinput')      # not a pytest-xdist worker
+
+
+def pytest_configure(config):
+    """A folder for the reports tests print at the end of the run (the Triton compile tables of
+    test_gpu_compile.py); set before pytest-xdist starts its workers, which inherit it."""
+    if _controller(config) and 'MIXZOO_TEST_REPORTS' not in os.environ:
+        config._mixzoo_reports = os.environ['MIXZOO_TEST_REPORTS'] = tempfile.mkdtemp(prefix='mixzoo-reports-')
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    folder = os.environ.get('MIXZOO_TEST_REPORTS')
+    if not (_controller(config) and folder and os.path.isdir(folder)):
+        return
+    for name in sorted(os.listdir(folder)):
+        terminalreporter.write_sep('-', name)
+        with open(os.path.join(folder, name)) as f:
+            terminalreporter.write(f.read())
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, '_mixzoo_reports', None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop('MIXZOO_TEST_REPORTS', None)

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import empty, triton_interpret
+from .._dispatch import empty
+from .._triton import pick, tile
 from . import geometry as G
 
 
@@ -148,10 +149,18 @@ def _bwd(Q, K, V, QH, QW, DO, LSE, Delta, DQ, DK, DV, DQH, DQW,
              (dq * scale).to(DQ.dtype.element_ty), mask=qvalid[:, None] & (offs_d[None, :] < D))
 
 
-def _blocks(D: int, Dv: int, bq: int):
+# launch tiles of the key dimension (ops._triton; the query block is the halo block's): each kernel takes the
+# first of its list that fits. 32 keys in 8 warps: 64 keys in 4 warps spilled 0.2-2.3 KB of registers at
+# HaloNet26t's shapes (ptxas, bf16, sm_90), and the backward overflowed sm_80's shared memory in fp32 at its
+# stage 4 (head dim 64); fp32 above head dim 64 takes 16 keys in 2 stages
+_FWD = (tile(BK=32, num_warps=8),)
+_BWD = (tile(BK=32, num_warps=8, max_d=(64, 128)), tile(BK=16, num_stages=2))
+
+
+def _blocks(tiles, D: int, Dv: int, bq: int, dtype):
     p2 = triton.next_power_of_2
-    bk = 16 if triton_interpret() else 64
-    return dict(BQ=max(16, p2(bq * bq)), BK=bk, BD=max(16, p2(D)), BDV=max(16, p2(Dv)))
+    BD, BDV = max(16, p2(D)), max(16, p2(Dv))
+    return dict(BQ=max(16, p2(bq * bq)), BD=BD, BDV=BDV, **pick(tiles, max(BD, BDV), dtype))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -171,8 +180,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qh: torch.Tensor,
     lse = empty((B * h, Hq, Wq), dtype=torch.float32, device=q.device)
     _fwd[(nbh * nbw, B * h)](qf, kf, vf, qh, qw, out, lse, *qf.stride(), *kf.stride(), *vf.stride(), *out.stride(),
                              H, W, Hq, Wq, nbw, nbh * nbw, D, Dv, scale, bq=bq, block=block, halo=halo, win=win,
-                             HAS_REL=has_rel, MASK_BORDER=mask_border, num_warps=1 if triton_interpret() else 4,
-                             **_blocks(D, Dv, bq))
+                             HAS_REL=has_rel, MASK_BORDER=mask_border, **_blocks(_FWD, D, Dv, bq, q.dtype))
     return out.view(B, h, Dv, Hq, Wq), lse
 
 
@@ -202,8 +210,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qh: torch.Tensor,
     _bwd[(nbh * nbw, B * h)](qf, kf, vf, qh, qw, do, lse, delta, dq, dk, dv, dqh, dqw,
                              *qf.stride(), *kf.stride(), *vf.stride(),
                              H, W, Hq, Wq, nbw, nbh * nbw, D, Dv, scale, bq=bq, block=block, halo=halo, win=win,
-                             HAS_REL=has_rel, MASK_BORDER=mask_border, num_warps=1 if triton_interpret() else 4,
-                             **_blocks(D, Dv, bq))
+                             HAS_REL=has_rel, MASK_BORDER=mask_border, **_blocks(_BWD, D, Dv, bq, q.dtype))
     shape = lambda t, c, hh, ww: t.view(B, h, c, hh, ww)  # noqa: E731
     return (shape(dq, D, Hq, Wq), shape(dk, D, H, W).to(k.dtype), shape(dv, Dv, H, W).to(v.dtype),
             dqh.to(qh.dtype), dqw.to(qw.dtype))

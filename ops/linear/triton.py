@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import empty, triton_interpret
+from .._triton import pick, tile
 
 
 def _block_n() -> int:
@@ -171,6 +172,12 @@ def _warps() -> int:
     return 1 if triton_interpret() else 4
 
 
+# the backward kernels' launch tiles (ops._triton): 8 warps (in 4 both spilled 0.6-0.8 KB of registers at
+# L2ViT's shapes: ptxas, bf16, sm_90); _bwd_tokens in 2 stages above head dim 32 (sm_80 at 128)
+_BWD_STATE = (tile(BLOCK_N=64, num_warps=8),)
+_BWD_TOKENS = (tile(BLOCK_N=64, num_warps=8, max_d=(32, 32)), tile(BLOCK_N=64, num_warps=8, num_stages=2))
+
+
 def _reduction_grid(B, H, N, Dv):
     chunk = _chunk(N)
     return chunk, (triton.cdiv(Dv, _block_e(Dv)), B * H, triton.cdiv(N, chunk))
@@ -217,12 +224,13 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, 
     dZ = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
     blocks = dict(BLOCK_N=_block_n(), BLOCK_D=_block_d(D), BLOCK_E=_block_e(Dv), num_warps=_warps())
     chunk, grid = _reduction_grid(B, H, N, Dv)
-    _bwd_state[grid](q, do, delta, Z, A, dZ, *q.stride(), *do.stride(), H, N, D, Dv, chunk, clamp_min, **blocks)
+    _bwd_state[grid](q, do, delta, Z, A, dZ, *q.stride(), *do.stride(), H, N, D, Dv, chunk, clamp_min,
+                     **dict(blocks, **pick(_BWD_STATE, blocks['BLOCK_D'], q.dtype)))
     dq, dk = (empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(2))
     dv = empty((B, H, N, Dv), dtype=v.dtype, device=q.device)
     _bwd_tokens[(triton.cdiv(N, _block_n()), B * H)](
-        q, k, v, do, delta, t, S, Z, A, dZ, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, N, D, Dv, clamp_min, **blocks)
+        q, k, v, do, delta, t, S, Z, A, dZ, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        H, N, D, Dv, clamp_min, **dict(blocks, **pick(_BWD_TOKENS, blocks['BLOCK_D'], q.dtype)))
     dt = (S * A).sum((0, 2, 3))
     return dq, dk, dv, dt
 

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import empty, triton_interpret
+from .._dispatch import empty
+from .._triton import pick, tile
 from . import geometry as G
 from .. import neighborhood as package   # (imported while the package registers: its functions at call time)
 
@@ -178,11 +179,17 @@ def _bias_view(extra_bias, HW, P):
     return eb, (eb.stride(0) if eb.shape[0] > 1 else 0), (eb.stride(1) if eb.shape[1] > 1 else 0)
 
 
-def _meta(D, Dv):
+# launch tiles (ops._triton): 32 queries x 32 extra keys in 8 warps; the 64 x 64 tiles in 4 warps spilled 2.2 KB
+# (forward) and 3.3 KB (backward) of registers at TransNeXt's shapes (ptxas, bf16, sm_90) and overflowed sm_80's
+# shared memory at head dim 128
+_FWD = (tile(BQ=32, BN=32, num_warps=8),)
+_BWD = (tile(BQ=32, BN=32, num_warps=8),)
+
+
+def _meta(tiles, D, Dv, dtype):
     p2 = triton.next_power_of_2
-    interp = triton_interpret()
-    return dict(BQ=16 if interp else 64, BN=16 if interp else 64, BD=max(16, p2(D)), BDV=max(16, p2(Dv)),
-                num_warps=1 if interp else 4)
+    BD, BDV = max(16, p2(D)), max(16, p2(Dv))
+    return dict(BD=BD, BDV=BDV, **pick(tiles, max(BD, BDV), dtype))
 
 
 def _flat(B, h, HW, *ts):
@@ -210,7 +217,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[tor
     eb, seb_b, seb_h = _bias_view(extra_bias, HW, P) if extra_bias is not None else (dummy, 0, 0)
     out = empty((B * h, HW, Dv), dtype=q.dtype, device=q.device)
     lse = empty((B * h, HW), dtype=torch.float32, device=q.device)
-    meta = _meta(D, Dv)
+    meta = _meta(_FWD, D, Dv, q.dtype)
     grid = (triton.cdiv(HW, meta['BQ']), B * h)
     _fwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, out, lse, HW, K2, P, D, Dv, h, scale,
                qf.stride(0), kf.stride(0), vf.stride(0), ekf.stride(0) if P else 0, evf.stride(0) if P else 0,
@@ -252,7 +259,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[tor
     dev_ = torch.zeros((B * h, P, Dv), **f32) if has_extra else dq.new_zeros(1)
     need_deb = has_eb and bias_grad
     deb = torch.zeros((B * h, HW * P), **f32) if need_deb else dq.new_zeros(1)
-    meta = _meta(D, Dv)
+    meta = _meta(_BWD, D, Dv, q.dtype)
     grid = (triton.cdiv(HW, meta['BQ']), B * h)
     _bwd[grid](qf, kf, vf, idx, valid, reli, table, ekf, evf, eb, do, lse, delta, dq, dk, dv, dsw, dek, dev_, deb,
                HW, K2, P, D, Dv, h, scale, qf.stride(0), kf.stride(0), vf.stride(0),

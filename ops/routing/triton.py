@@ -16,12 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import empty, triton_interpret
-from .._triton import autotune_configs
+from .._dispatch import empty
+from .._triton import autotune, pick, tile
 
 
-# autotune candidates on a GPU: (BLOCK_M, BLOCK_N, warps, stages)
-_TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 32, 2, 2))
+# launch tiles (ops._triton): the forward autotunes over _FWD (all fit up to head dim 128); the backward's two
+# kernels take the first of _BWD that fits (fp32 at head dims above 32 needs 32-blocks on sm_80)
+_FWD = (tile(BLOCK_M=64, BLOCK_N=64, num_stages=2), tile(BLOCK_M=128, BLOCK_N=64, num_stages=2),
+        tile(BLOCK_M=64, BLOCK_N=32, num_stages=3), tile(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2),
+        tile(BLOCK_M=16, BLOCK_N=32, num_warps=2, num_stages=2))
+_BWD = (tile(BLOCK_M=64, BLOCK_N=64, max_d=(32, 128)), tile(BLOCK_M=32, BLOCK_N=32))
 
 
 @triton.jit
@@ -37,7 +41,7 @@ def _put(P, val, base, offs_r, offs_d, n_rows, n_cols, sr, sd):
     tl.store(P + base + offs_r[:, None] * sr + offs_d[None, :] * sd, val.to(P.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(_TILES), key=['T', 'Tk', 'BLOCK_D', 'BLOCK_DV'])
+@autotune(_FWD, key=['T', 'Tk', 'BLOCK_D', 'BLOCK_DV'])
 @triton.jit
 def _fwd(Q, K, V, Idx, O, LSE,
          sqb, sqh, sqr, sqt, sqd, skb, skh, skr, skt, skd, svb, svh, svr, svt, svd,
@@ -211,9 +215,9 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor
     dq, dq_v = _heads_last(B, H, R, T, D, q)
     dk, dk_v = _heads_last(B, H, R, Tk, D, k)
     dv, dv_v = _heads_last(B, H, R, Tk, DV, v)
-    blk = 16 if triton_interpret() else 64
-    warps = 1 if triton_interpret() else 4
-    common = dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV), num_warps=warps)
+    launch = pick(_BWD, max(_block_d(D), _block_d(DV)), q.dtype)
+    blk = launch['BLOCK_M']
+    common = dict(BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV), **launch)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do_v.stride())
     _bwd_q[(triton.cdiv(T, blk), R, B * H)](q, k, v, idx, do_v, lse, delta, dq_v, *strides, *dq_v.stride(),
                                             H, R, T, Tk, D, DV, topk, scale, **common)

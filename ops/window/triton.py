@@ -11,12 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import empty, triton_interpret
-from .._triton import autotune_configs
+from .._dispatch import empty
+from .._triton import autotune, pick, tile
 
 
-# autotune candidates on a GPU: (BLOCK_M, BLOCK_N, warps, stages)
-_TILES = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 2), (16, 64, 2, 2))
+# launch tiles (ops._triton): the forward autotunes over _FWD; the backward's two kernels take the first of _BWD
+# that fits: 64-blocks in 8 warps at the models' head dims (in 4, _bwd_q spilled 92 bytes of registers at MaxViT's
+# shapes: ptxas, bf16, sm_90), 32-blocks above head dim 64 at 2-byte elements, 16-blocks in fp32 (up to 256)
+_FWD = (tile(BLOCK_M=64, BLOCK_N=64, num_stages=2, max_d=(64, 256)),
+        tile(BLOCK_M=32, BLOCK_N=64, num_stages=2, max_d=(64, 256)),
+        tile(BLOCK_M=64, BLOCK_N=32, num_stages=3, max_d=(64, 256)),
+        tile(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2), tile(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=2))
+_BWD = (tile(BLOCK_M=64, BLOCK_N=64, num_warps=8, max_d=(64, 64)), tile(BLOCK_M=32, BLOCK_N=32, max_d=(0, 256)),
+        tile(BLOCK_M=16, BLOCK_N=16))
 
 
 @triton.jit
@@ -63,7 +70,7 @@ def _scores(q, K, Bias, KMask, b, h, offs_m, offs_n, offs_d, N, D, M,
     return s, k
 
 
-@triton.autotune(configs=autotune_configs(_TILES), key=['N', 'BLOCK_D', 'HAS_BIAS', 'HAS_MASK'])
+@autotune(_FWD, key=['N', 'BLOCK_D', 'HAS_BIAS', 'HAS_MASK'])
 @triton.jit
 def _fwd(Q, K, V, Bias, KMask, O, LSE,
          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -203,17 +210,15 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[to
     bias_t, bstr, mask_arg, mstr, M = _aux(q, bias, mask_i8)
     dq, dk, dv = (empty((Bp, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     dbias = torch.zeros((H, N, N) if bias_grad else (0,), dtype=torch.float32, device=q.device)
-    blk = 16 if triton_interpret() else 64
-    common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_i8 is not None,
-                  BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=_block_d(D))
-    warps = 1 if triton_interpret() else 4
+    launch = pick(_BWD, _block_d(D), q.dtype)
+    blk = launch['BLOCK_M']
+    common = dict(HAS_BIAS=bias is not None, HAS_MASK=mask_i8 is not None, BLOCK_D=_block_d(D), **launch)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *bstr, *mstr)
     _bwd_kv[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dk, dv,
-                                           *strides, H, N, D, M, scale, num_warps=warps, **common)
+                                           *strides, H, N, D, M, scale, **common)
     _bwd_q[(triton.cdiv(N, blk), Bp * H)](q, k, v, bias_t, mask_arg, do, lse, delta, dq,
                                           dbias if bias_grad else bias_t,
-                                          *strides, H, N, D, M, scale, BIAS_GRAD=bias_grad,
-                                          num_warps=warps, **common)
+                                          *strides, H, N, D, M, scale, BIAS_GRAD=bias_grad, **common)
     return dq, dk, dv, dbias
 
 
