@@ -91,6 +91,54 @@ def test_validate_counts_a_shuffled_set(imagefolder, fitted_checkpoint, tmp_path
     assert rc == 0 and res[-1]['top1'] == 75.0
 
 
+def _timm_validate(model, root, batch_size=5):
+    """timm's validate.py (v1.0.31) on CPU, step by step through timm's own library: resolve_data_config from
+    the model, create_dataset(root, split='validation') (timm's folder parser: classes in sorted order),
+    create_loader with the config's size / interpolation / mean / std / crop_pct / crop_mode, no prefetcher (CPU),
+    CrossEntropyLoss averaged over images, timm.utils.accuracy top-1 / top-5."""
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    from timm.utils import accuracy
+    cfg = resolve_data_config({}, model=model, use_test_size=True)
+    dataset = create_dataset('', root=str(root), split='validation')
+    loader = create_loader(dataset, input_size=cfg['input_size'], batch_size=batch_size, interpolation=cfg['interpolation'],
+                           mean=cfg['mean'], std=cfg['std'], num_workers=0, crop_pct=cfg['crop_pct'],
+                           crop_mode=cfg['crop_mode'], device=torch.device('cpu'), use_prefetcher=False)
+    n, loss, top1, top5 = 0, 0., 0., 0.
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)
+            a1, a5 = accuracy(out, y, topk=(1, 5))
+            loss += torch.nn.functional.cross_entropy(out, y).item() * len(y)
+            top1, top5, n = top1 + a1.item() * len(y), top5 + a5.item() * len(y), n + len(y)
+    return dict(top1=top1 / n, top5=top5 / n, loss=loss / n, images=n)
+
+
+def test_validate_reports_what_timms_validate_does(imagefolder, fitted_checkpoint, tmp_path):
+    """A timm-family model, one checkpoint, one folder: tools/validate.py on the zoo model and timm's validation
+    pipeline on timm's own model give the same top-1, top-5 and loss. The checkpoint is a 1000-class one whose
+    first four rows (the folder's wnids are ImageNet-1k classes 0-3) are the fitted head with two rows exchanged
+    and some noise, so that top-1 is neither 0 nor 100."""
+    fitted = torch.load(fitted_checkpoint, weights_only=True)['model']
+    sd = randomize_(timm.create_model('poolformer_s12'), seed=3).state_dict()
+    sd.update({k: v for k, v in fitted.items() if not k.startswith('head.fc')})
+    g = torch.Generator().manual_seed(0)
+    w, b = sd['head.fc.weight'], sd['head.fc.bias']
+    swap = [0, 1, 3, 2]                                    # classes 2 and 3 exchanged: half the images wrong
+    w[:4] = fitted['head.fc.weight'][swap] + 0.05 * torch.randn(4, w.shape[1], generator=g)
+    b[:4] = fitted['head.fc.bias'][swap]
+    path = tmp_path / 'poolformer_s12_1k.pth'
+    torch.save(sd, path)
+    ref = timm.create_model('poolformer_s12', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    want = _timm_validate(ref, imagefolder)
+    rc, res = _run_validate(tmp_path, '--model', 'mz_poolformer_s12', '--checkpoint', str(path),
+                            '--data-dir', str(imagefolder))
+    got = res[-1]
+    assert rc == 0 and got['images'] == want['images'] == len(CLASSES) * PER_CLASS
+    assert 0 < want['top1'] < 100 and 0 < want['top5'] <= 100, want
+    assert got['top1'] == pytest.approx(want['top1'], abs=1e-3) and got['top5'] == pytest.approx(want['top5'], abs=1e-3)
+    assert got['loss'] == pytest.approx(want['loss'], rel=1e-4)
+
+
 def test_validate_flat_folder_with_label_file(imagefolder, fitted_checkpoint, tmp_path):
     flat = tmp_path / 'flat'
     flat.mkdir()
