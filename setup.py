@@ -37,5 +37,7 @@ setup(
                'ftfy', 'regex', 'pycocotools', 'shapely', 'scipy', 'terminaltables'],
         'triton': ['triton>=3.0'],
         'dev': ['pytest>=8', 'pytest-xdist>=3'],
+        # tools/export.py --format onnx and tests/test_export_onnx.py
+        'deploy': ['onnx>=1.17,<1.24', 'onnxscript>=0.3,<0.8', 'onnxruntime>=1.20,<1.33'],
     },
 )

@@ -1,0 +1,102 @@
+"""tools/export.py: ONNX export of every family, generated from the registry (each family's first variant
+that is neither slow nor build-only, cut to two blocks a stage: every block kind still runs, the export
+takes a third of the time). One dynamic export per family (H, W symbolic); onnxruntime must match
+PyTorch (eval, fp32) at 224 and at a size no window or stride divides (200x232) from that one export.
+Families whose dynamic export is refused (tools/export.py: DYNAMIC_UNSUPPORTED) are exported static at
+each size instead, and the refusal must name the family and the reason. onnx / onnxruntime missing is a
+skip for a missing dependency, which fails in CI (conftest)."""
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import MISSING_DEP
+from helpers import rel_err
+from test_robustness import _shallow_model
+
+for _pkg in ('onnx', 'onnxscript', 'onnxruntime'):
+    pytest.importorskip(_pkg, reason=f'{MISSING_DEP}: {_pkg} (pip install "mixzoo[deploy]")')
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+import export as export_tool  # noqa: E402
+
+from mixzoo import MODELS, families  # noqa: E402
+
+TOL = 1e-4       # max |ort - torch| / max |torch|
+SIZES = ((224, 224), (200, 232))
+# families whose export takes longest on 2 cores: `slow` (CI runs them too)
+SLOW = set(export_tool.DYNAMIC_UNSUPPORTED)   # exported static at each size: two exports
+
+
+def _first_variants():
+    out = {}
+    for n, m in MODELS.items():
+        if not m.build_only and not m.slow and m.family not in out:
+            out[m.family] = n
+    return out
+
+
+FIRST = _first_variants()
+CASES = [pytest.param(n, id=n, marks=[pytest.mark.slow] if f in SLOW else []) for f, n in FIRST.items()]
+
+
+def test_every_family_is_covered():
+    assert set(FIRST) == set(families())
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+
+
+def _onnx(model, name, path, dynamic, size):
+    ep = export_tool.export_program(model, dynamic=dynamic, size=size, name=name)
+    export_tool.to_onnx(ep, path)
+    return _session(path)
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_onnx_matches_torch(name, tmp_path):
+    family = MODELS[name].family
+    m = _shallow_model(name)
+    dynamic = family not in export_tool.DYNAMIC_UNSUPPORTED
+    sess = _onnx(m, name, str(tmp_path / 'dyn.onnx'), True, None) if dynamic else None
+    g = torch.Generator().manual_seed(1)
+    for hw in SIZES:
+        x = torch.randn(1, 3, *hw, generator=g)
+        with torch.no_grad():
+            ref = m(x)
+        s = sess or _onnx(m, name, str(tmp_path / f'{hw[0]}x{hw[1]}.onnx'), False, hw)
+        got = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) <= TOL, f'{name} at {hw[0]}x{hw[1]}'
+
+
+@pytest.mark.parametrize('family', sorted(export_tool.DYNAMIC_UNSUPPORTED) or [pytest.param('-', marks=pytest.mark.skip(
+    reason='every family exports dynamic sizes'))])
+def test_dynamic_refusal_names_family_and_reason(family, tmp_path):
+    name = FIRST[family]
+    with pytest.raises(export_tool.ExportError, match=rf'^{family}: dynamic input sizes cannot be exported: .+'
+                                                      r'Export a static size instead'):
+        export_tool.export(name, str(tmp_path / 'x.onnx'), dynamic=True)
+
+
+def test_cli_exported_program_and_errors(tmp_path, capsys):
+    """The command line: an ExportedProgram of PoolFormer (the quickest family) that loads and runs at another
+    size; an unknown model and an unknown format are errors (exit 2 / argparse's), not tracebacks."""
+    name = FIRST['poolformer']
+    out = tmp_path / 'p.pt2'
+    assert export_tool.main(['--model', name, '--format', 'exported-program', '--dynamic', '--out', str(out)]) == 0
+    ep = torch.export.load(str(out))
+    assert ep.module()(torch.randn(1, 3, 200, 232)).shape == (1, 1000)
+    assert export_tool.main(['--model', 'mz_no_such_model', '--out', str(tmp_path / 'n.onnx')]) == 2
+    assert 'mz_no_such_model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_tool.main(['--model', name, '--format', 'tflite', '--out', str(tmp_path / 'n')])
+    with pytest.raises(export_tool.ExportError, match='no such file'):
+        export_tool.export(name, str(tmp_path / 'c.onnx'), checkpoint=str(tmp_path / 'missing.pth'))
