@@ -132,24 +132,24 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None
 
 
 def _dilated(q, k, v, kernel, dilation, rpb, scale, border):
-    """Each dilation group (rows a, a + d, ...; columns b, b + d, ...) is a dilation-free map: groups of one
-    size are folded into the batch and attended together (2 x 2 sizes at most: d divides H or not)."""
+    """Each dilation group (rows a, a + d, ...; columns b, b + d, ...) is a dilation-free map. One row offset at a
+    time, its column groups of one length folded into the batch and attended together (copies of 1/d of the
+    map at a time, not of the whole map); the results written into the output in place."""
     if dilation == 1:
         return _blocked(q, k, v, kernel, rpb, scale, border)
     B, h, H, W, _ = q.shape
-    out = None
-    for rows in _groups(H, dilation, q.device):
-        for cols in _groups(W, dilation, q.device):
-            ri, ci = rows[:, None, :, None], cols[None, :, None, :]       # (na, nb, L, M) positions
-            na, nb, L, M = ri.shape[0], ci.shape[1], ri.shape[2], ci.shape[3]
+    out = q.new_empty(B, h, H, W, v.shape[-1])
+    col_groups = _groups(W, dilation, q.device)
+    for a in range(min(dilation, H)):
+        qa, ka, va = q[:, :, a::dilation], k[:, :, a::dilation], v[:, :, a::dilation]     # (B, h, L, W, D) views
+        for cols in col_groups:
+            nb, M = cols.shape
 
-            def fold(t):    # (B, h, na, nb, L, M, D) -> (B * na * nb, h, L, M, D)
-                return t[:, :, ri, ci].permute(0, 2, 3, 1, 4, 5, 6).reshape(B * na * nb, h, L, M, t.shape[-1])
-            o = _blocked(fold(q), fold(k), fold(v), kernel, rpb, scale, border)
-            o = o.view(B, na, nb, h, L, M, -1).permute(0, 3, 1, 2, 4, 5, 6)
-            if out is None:
-                out = o.new_empty(B, h, H, W, o.shape[-1])
-            out[:, :, ri, ci] = o       # (every position lies in exactly one group: all of out is written)
+            def fold(t):    # (B, h, L, nb, M, D) -> (B * nb, h, L, M, D)
+                return t[:, :, :, cols].permute(0, 3, 1, 2, 4, 5).reshape(B * nb, h, t.shape[2], M, t.shape[-1])
+            o = _blocked(fold(qa), fold(ka), fold(va), kernel, rpb, scale, border)
+            # (every position lies in exactly one group: all of out is written)
+            out[:, :, a::dilation][:, :, :, cols] = o.view(B, nb, h, -1, M, o.shape[-1]).permute(0, 2, 3, 1, 4, 5)
     return out
 
 
@@ -169,14 +169,13 @@ def _blocked(q, k, v, kernel, rpb, scale, border):
     qy, qx, ry, rx, slot, valid, rel = G.tiles(H, W, kernel, border, ty, tx, q.device)
     nty, ntx, T, K2 = slot.shape
     ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype   # softmax dtype
-    add = torch.zeros(valid.shape, dtype=ct, device=q.device).masked_fill(~valid, float('-inf'))
-    if rpb is not None:
-        add = add + rpb.reshape(h, -1)[:, rel].to(ct)                     # (h, nty, ntx, T, k*k)
     R = ry.shape[1] * rx.shape[1]
+    table = rpb.reshape(h, -1).to(ct) if rpb is not None else None
+    out = q.new_empty(P, h, nty, ty, ntx, tx, v.shape[-1])                # the tiles' outputs, in map order
     # tile rows a chunk at a time: a chunk's logits over its regions stay about CHUNK_BYTES (cache-sized
-    # buffers, reused by the allocator, where whole-map ones cost page faults on every call)
+    # buffers, reused by the allocator, where whole-map ones cost page faults on every call); its mask and
+    # bias likewise (the bias of every window slot of the map is 1.5 x the map's logits)
     step = max(1, min(nty, CHUNK_BYTES // max(1, P * h * ntx * T * R * q.element_size())))
-    outs = []
     for a in range(0, nty, step):
         b = min(nty, a + step)
         yq, xq = qy[a:b, None, :, None], qx[None, :, None, :]            # (n, ntx, ty, tx) queries
@@ -184,9 +183,11 @@ def _blocked(q, k, v, kernel, rpb, scale, border):
         qt = q[:, :, yq, xq].flatten(4, 5)                                # (P, h, n, ntx, T, D)
         kr, vr = k[:, :, yr, xr].flatten(4, 5), v[:, :, yr, xr].flatten(4, 5)
         idx = slot[a:b].expand(P, h, b - a, ntx, T, K2)
-        s = (qt @ kr.transpose(-1, -2)).gather(-1, idx).to(ct) * scale + add[..., a:b, :, :, :]
+        add = torch.zeros(valid[a:b].shape, dtype=ct, device=q.device).masked_fill(~valid[a:b], float('-inf'))
+        if table is not None:
+            add = add + table[:, rel[a:b]]                                # (h, n, ntx, T, k*k)
+        s = (qt @ kr.transpose(-1, -2)).gather(-1, idx).to(ct) * scale + add
         p = torch.softmax(s, dim=-1).to(v.dtype)                          # (P, h, n, ntx, T, k*k)
         full = p.new_zeros(P, h, b - a, ntx, T, R).scatter_add(-1, idx, p)
-        outs.append((full @ vr).view(P, h, b - a, ntx, ty, tx, -1).permute(0, 1, 2, 4, 3, 5, 6))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return o.reshape(P, h, nty * ty, ntx * tx, -1)[:, :, :H, :W]
+        out[:, :, a:b] = (full @ vr).view(P, h, b - a, ntx, ty, tx, -1).transpose(3, 4)
+    return out.view(P, h, nty * ty, ntx * tx, -1)[:, :, :H, :W]
