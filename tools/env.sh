@@ -38,12 +38,12 @@ if [ ! -f "$venv/.core-ok" ]; then
   log "step 1/3: creating the venv with ${MIXZOO_PYTHON:-python3} (seconds)"
   rm -rf "$venv"
   "${MIXZOO_PYTHON:-python3}" -m venv "$venv"
-  log "step 2/3: torch $(pinned torch), torchvision $(pinned torchvision), timm $(pinned timm), triton, numpy, pytest:"
+  log "step 2/3: torch $(pinned torch), torchvision $(pinned torchvision), timm $(pinned timm), triton, numpy, pytest, onnx / onnxruntime (tools/export.py):"
   log "  about 5.6 GB on disk (torch's CUDA build and its nvidia-* libraries, also on CPU-only machines),"
   log "  about 3 GB to download: a few minutes on a fast link, pip shows each file's progress; unpacking"
   log "  afterwards takes 1-3 min more without output"
   t=$(date +%s)
-  pip install --progress-bar on -c "$root/constraints.txt" torch torchvision timm safetensors numpy triton pytest pytest-xdist
+  pip install --progress-bar on -c "$root/constraints.txt" torch torchvision timm safetensors numpy triton pytest pytest-xdist onnx onnxscript onnxruntime
   touch "$venv/.core-ok"
   log "step 2/3 done in $(took "$t") ($(du -sh "$venv" 2>/dev/null | cut -f1) on disk)"
   # drop environments of older constraints
