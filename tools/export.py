@@ -51,8 +51,8 @@ DYNAMIC_UNSUPPORTED: Dict[str, str] = {
            'equals the 7x7 kernel at 224: specialised to it)',
     'dinat': 'the neighborhood geometry depends on the map size relative to the kernel and dilation (the last '
              'stage map equals the 7x7 kernel at 224: specialised to it)',
-    'transnext': 'not verified: its dynamic export was not measured to completion (pooled-attention sizes '
-                 'computed from the map size)',
+    'transnext': "its position-bias table holds the distinct (query, pooled key) offsets of the map size, a count "
+                 "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache)",
     'biformer': 'routing regions: the region grid and padding are computed from the size in Python, and the '
                 'trace did not finish in 400 s on 2 cores',
 }
