@@ -19,13 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mixzoo import MODELS
+from helpers import first_variants, rel_err
 
-# one small variant per family: the first registered one not marked slow
-FIRST = {}
-for _n, _m in MODELS.items():
-    if not _m.build_only and not _m.slow:
-        FIRST.setdefault(_m.family, _n)
+FIRST = first_variants()    # one small variant per family
 BATCH, SIZE = 4, 64
 
 
@@ -51,15 +47,11 @@ def _step(model, x, y):
     return grads
 
 
-def _rel(a, b, floor=1e-30):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
-
-
 def _worst(a: dict, b: dict):
     """The largest difference of a tensor relative to its own scale, or to 1e-4 of the largest gradient where
     the tensor's is smaller (the gradient of a bias that a norm cancels is zero up to rounding)."""
     floor = 1e-4 * max(v.abs().max().item() for v in b.values())
-    return max(_rel(a[k], b[k], floor) for k in b)
+    return max(rel_err(a[k], b[k], floor) for k in b)
 
 
 def _worker(rank, world, port, out):
@@ -102,8 +94,8 @@ def _worker(rank, world, port, out):
                 row = dict(
                     missing=sorted(set(mean) - set(grads)),
                     grads=_worst(grads, mean) if set(grads) == set(mean) else None,
-                    weights=_rel(torch.cat([p.detach().flatten() for p in ref.parameters()]), params),
-                    buffers=max((_rel(a.float(), b.float()) for (_, a), (_, b) in
+                    weights=rel_err(torch.cat([p.detach().flatten() for p in ref.parameters()]), params),
+                    buffers=max((rel_err(a, b) for (_, a), (_, b) in
                                  zip(model.named_buffers(), ref.named_buffers()) if a.is_floating_point()),
                                 default=0.),
                     ranks_apart=spread.item(), batch_norm=has_bn)

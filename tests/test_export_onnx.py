@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import MISSING_DEP
-from helpers import rel_err
+from helpers import first_variants, rel_err
 from test_robustness import _shallow_model
 
 for _pkg in ('onnx', 'onnxscript', 'onnxruntime'):
@@ -24,21 +24,13 @@ import onnxruntime as ort  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
 import export as export_tool  # noqa: E402
 
-from mixzoo import MODELS, families  # noqa: E402
+from mixzoo import families  # noqa: E402
 
 TOL = 1e-4       # max |ort - torch| / max |torch|
 SIZES = ((224, 224), (200, 232))
 
 
-def _first_variants():
-    out = {}
-    for n, m in MODELS.items():
-        if not m.build_only and not m.slow and m.family not in out:
-            out[m.family] = n
-    return out
-
-
-FIRST = _first_variants()
+FIRST = first_variants()
 # the families whose ONNX export has been verified (dynamic); the static exports of the others have not been run
 # on these 2-core machines yet (BiFormer's did not finish in 400 s): they join when they have
 CASES = [pytest.param(n, id=n) for f, n in FIRST.items() if f not in export_tool.DYNAMIC_UNSUPPORTED]

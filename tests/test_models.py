@@ -13,7 +13,7 @@ import torch
 
 import mixzoo
 from mixzoo import FAMILIES, MODELS
-from helpers import gmacs, official_layout, param_count, randomize_, rel_err
+from helpers import first_variants, gmacs, official_layout, param_count, randomize_, rel_err
 
 TIMM = {n: m for n, m in MODELS.items() if m.reference.startswith('timm:')}
 # families whose reference is the official repository: their model API, training and any-size tests
@@ -34,11 +34,7 @@ def _timm_run_params():
     return [pytest.param(n, marks=_marks(n), id=n) for n in RUN if n in TIMM]
 
 
-# one small variant per family: the first registered one not marked slow
-FIRST = {}
-for _n in RUN:
-    if not _marks(_n):
-        FIRST.setdefault(MODELS[_n].family, _n)
+FIRST = first_variants()    # one small variant per family
 
 
 def _timm_name(name):

@@ -31,13 +31,12 @@ class Pooling(nn.Module):
 
     def _inv_count(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
-        if not all(type(n) is int for n in key[:2]):
-            # symbolic sizes (torch.export / ONNX export with dynamic H, W): computed in the graph, not cached
-            return box_sum(torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype), self.pool_size).reciprocal()
-        inv = self._count.get(key)
+        static = all(type(n) is int for n in key[:2])   # (symbolic in a dynamic-size export: in the graph, uncached)
+        inv = self._count.get(key) if static else None
         if inv is None:
-            ones = torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype)
-            inv = self._count[key] = box_sum(ones, self.pool_size).reciprocal_()
+            inv = box_sum(torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype), self.pool_size).reciprocal()
+            if static:
+                self._count[key] = inv
         return inv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
