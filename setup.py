@@ -39,5 +39,7 @@ setup(
         'dev': ['pytest>=8', 'pytest-xdist>=3'],
         # tools/export.py --format onnx and tests/test_export_onnx.py
         'deploy': ['onnx>=1.17,<1.24', 'onnxscript>=0.3,<0.8', 'onnxruntime>=1.20,<1.33'],
+        # tools/benchmark.py's plots (tools/benchplots.py); without it the page says how to get them
+        'plots': ['matplotlib>=3.8'],
     },
 )

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The zoo's main job: for every registered model, parameters and GMACs beside the published
-figures, and inference throughput beside its reference model (timm's), measured side by side in
-one run (interleaved repetitions, best of each), as a ratio.
+figures, and inference and training-step (forward+backward) throughput beside its reference model (timm's,
+or the authors' code given --official-repo), measured side by side in one run (interleaved repetitions, best
+of each), as ratios; and how much of the machine each model uses: its GFLOP/s as a share of a square matmul's
+rate (the GEMM rate, measured in the same run).
 
     python tools/benchmark.py                          # every model's params/GMACs; speed for the
                                                        # variants tested in full (the default job)
@@ -10,18 +12,30 @@ one run (interleaved repetitions, best of each), as a ratio.
     python tools/benchmark.py --model mz_maxvit_tiny_tf_224 mz_poolformer_s12
     python tools/benchmark.py --model 'mz_poolformer_*' --batch-size 16 --csv out.csv
     python tools/benchmark.py --model mz_maxvit_tiny_tf_224 --compare-backend reference
+    python tools/benchmark.py --model mz_poolformer_s12 --dtype bf16     # both models under bf16 autocast
+    python tools/benchmark.py --model 'mz_nat_*' --official-repo nat=PATH/Neighborhood-Attention-Transformer \
+        --memory-sides 224 512 1024                    # the authors' NAT timed beside the zoo's; peak memory
     python tools/benchmark.py --op halo [--backward]     # an op's backends: time and peak memory
                                                        # (window, halo, neighborhood, routing, linear)
 
 The table is Markdown with padded columns, a legend under it (every column, and what `-` means);
 progress (model i of n, elapsed seconds) goes to stderr. The header names the CPU, torch threads,
-allocator and load the figures were measured under.
+allocator and load the figures were measured under, and the GEMM rate (float32; bfloat16 where the CPU has
+native bf16 instructions, avx512_bf16 / amx_bf16).
+
+Official references are optional: the official-reference families (NAT, DiNAT, TransNeXt, L2ViT, BiFormer)
+are timed beside their authors' code only given `--official-repo FAMILY=PATH` (a checkout of the authors'
+repository, built through tools/official/FAMILY.py); otherwise their reference columns show `-`. The full
+run also measures the peak memory of one forward at input sides 224 to 1024 for those families' smallest
+variants (the official models' beside them where given).
 
 The page: a full run (no --model and default settings) writes its table into BENCHMARKS.md at the
 repository root as this machine's section (CPU model + vector ISA, e.g. "AMD EPYC, AVX-512"; the GPU for
 a CUDA run), replacing that section and keeping every other machine's; a --quick run writes the
 machine's separate "quick look" section. A run of chosen models or settings writes nothing unless
---page PATH is given (then into the machine's "custom run" section); --no-page writes nothing.
+--page PATH is given (then into the machine's "custom run" section); --no-page writes nothing. With
+matplotlib installed (`pip install "mixzoo[plots]"`) a run that writes the page also draws its plots
+(tools/benchplots.py) into docs/bench/ beside the page and links them from its section.
 """
 import argparse
 import csv
@@ -29,11 +43,12 @@ import datetime
 import fnmatch
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -44,7 +59,10 @@ from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's fol
 from mixzoo._counting import gmacs, param_count  # noqa: E402
 from machine import describe, machine_key  # noqa: E402  (tools/ is on sys.path: this script's folder)
 import benchpage  # noqa: E402
+import benchplots  # noqa: E402
+import official_bench  # noqa: E402
 from benchpage import Column  # noqa: E402
+from benchplots import memory_key  # noqa: E402
 from opbench import best_time  # noqa: E402
 from mixzoo import FAMILIES, MODELS  # noqa: E402
 
@@ -63,6 +81,10 @@ Regenerate this machine's section with
 ```bash
 bash tools/env.sh python tools/benchmark.py           # --quick: a first look; --no-page: print only
 ```
+
+Each section's header gives the machine's GEMM rate (a square float32 matmul; bfloat16 where the CPU runs it
+natively), and the `gemm_%` columns every model's share of it: the families that use the machine least show
+there. Plots, where drawn (matplotlib installed), are linked from their section.
 
 Speed ratios depend on the CPU (vendor, AVX-512 or not) and on the load of the machine: compare ratios
 within one section. The sections titled "Earlier" were carried over by hand from the README, with the
@@ -83,6 +105,102 @@ def forced_backend(spec):
             os.environ.pop('MIXZOO_BACKEND', None)
         else:
             os.environ['MIXZOO_BACKEND'] = old
+
+
+PLOTS_DIR = 'docs/bench'                  # the plots' folder, beside the page
+MEMORY_SIDES = (224, 384, 512, 768, 1024)   # the full run's peak-memory sweep (input sides)
+GEMM_N = 2048                              # the GEMM rate's matmul: GEMM_N^3 multiply-adds
+# the CPU flags that make a half-precision GEMM native (without them torch converts to fp32 inside the kernel,
+# and a share of a rate the CPU has no instructions for would measure the conversion)
+NATIVE = {'bfloat16': ('amx_bf16', 'avx512_bf16'), 'float16': ('amx_fp16', 'avx512_fp16')}
+DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+
+
+def cpu_flags() -> set:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((set(ln.split(':', 1)[1].split()) for ln in f if ln.startswith('flags')), set())
+    except OSError:
+        return set()
+
+
+def native_gemm(dtype: str, device: str):
+    """What runs a `dtype` GEMM natively here (the CPU flag, or 'CUDA'), or None."""
+    if dtype == 'float32':
+        return 'fp32'
+    if device.startswith('cuda'):
+        return 'CUDA' if dtype == 'float16' or torch.cuda.is_bf16_supported() else None
+    return next((f for f in NATIVE[dtype] if f in cpu_flags()), None)
+
+
+def gemm_rate(dtype: str = 'float32', device: str = 'cpu', n: int = GEMM_N, reps: int = 3) -> float:
+    """GFLOP/s of an n x n by n x n matmul in `dtype` at this process's torch threads, best of `reps` after
+    a warm-up: the rate the models' shares (`gemm_%`) are measured against."""
+    a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    return 2 * n ** 3 / best_time({'mm': lambda: a @ b}, reps, device)['mm'] / 1e9
+
+
+def gemm_rates(device: str, run_dtype: str):
+    """({dtype: GFLOP/s, or None where not native here}, the header line): float32, bfloat16, and the run's."""
+    rates, parts = {}, []
+    for dt in dict.fromkeys(['float32', 'bfloat16', run_dtype]):
+        native = native_gemm(dt, device)
+        rates[dt] = gemm_rate(dt, device, GEMM_N) if native else None
+        if not native:
+            parts.append(f'{dt} none (no native {dt} GEMM: {" / ".join(NATIVE[dt])} absent)')
+        else:
+            parts.append(f'{dt} {rates[dt]:.0f} GFLOP/s' + ('' if dt == 'float32' else f' ({native})'))
+    return rates, (f'GEMM rate ({GEMM_N}^3 matmul, {torch.get_num_threads()} threads, best of 3): '
+                   + '; '.join(parts))
+
+
+def precision(args):
+    """The context of every timed call: float32 as it is; float16 / bfloat16 under torch.autocast for the zoo
+    and its reference alike (weights stay float32, matmuls and convolutions run in the half type, as a
+    mixed-precision user runs them)."""
+    if args.dtype == 'float32':
+        return nullcontext
+    return partial(torch.autocast, args.device.split(':')[0], getattr(torch, args.dtype))
+
+
+def under(amp, fn):
+    def run(x):
+        with amp():
+            return fn(x)
+    return run
+
+
+def training_step(model, amp):
+    def step(x):
+        with amp():
+            out = model(x)
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)   # each step allocates its gradients afresh, as after optimizer.zero_grad()
+    return step
+
+
+def time_training(models, x, reps, device, amp):
+    """{label: best seconds} of a training step (train mode, forward + backward of the logits' sum) of each model,
+    interleaved rounds after a warm-up step each; the models are back in eval mode afterwards."""
+    for m in models.values():
+        m.train()
+    try:
+        return best_time({k: partial(training_step(m, amp), x) for k, m in models.items()}, reps, device)
+    finally:
+        for m in models.values():
+            m.eval()
+
+
+def efficiency(row, rate):
+    """GFLOP/s from the counted GMACs (2 FLOPs a MAC; forward+backward: 3x the forward's FLOPs), and its share of
+    the GEMM rate in %."""
+    out = {}
+    for pre, flops_per_mac in (('', 2), ('fb_', 6)):
+        if row.get(f'{pre}img/s'):
+            out[f'{pre}GFLOP/s'] = flops_per_mac * row['GMACs'] * row[f'{pre}img/s']
+            if rate:
+                out[f'{pre}gemm_%'] = 100 * out[f'{pre}GFLOP/s'] / rate
+    return out
 
 
 def time_side_by_side(runs, x, reps, device):
@@ -114,10 +232,13 @@ class Progress:
         print(f'[{self.i}/{self.n} {time.perf_counter() - self.t0:.0f}s] {msg}', file=sys.stderr, flush=True)
 
 
+def family_name(family):
+    return FAMILIES[family].cls.__name__ if family in FAMILIES else family
+
+
 def official_families():
     """Display names of the families whose reference is the official code (no timm model to time)."""
-    fams = sorted({m.family for m in MODELS.values() if m.reference.startswith('official:')})
-    return [FAMILIES[f].cls.__name__ if f in FAMILIES else f for f in fams]
+    return [family_name(f) for f in sorted({m.family for m in MODELS.values() if m.reference.startswith('official:')})]
 
 
 def columns(args):
@@ -126,7 +247,8 @@ def columns(args):
     cols = [
         Column('model', 'the zoo model (`timm.create_model` name).'),
         Column('reference', "the model it is checked and timed against: `timm:<name>` (timed here, side by "
-                            "side) or `official:<repository>` (the authors' code, not timed here)."),
+                            "side) or `official:<repository>` (the authors' code, timed beside the zoo's "
+                            "given `--official-repo FAMILY=PATH`)."),
         Column('params_M', "the zoo model's parameters, millions.", '.2f', width=7),
         Column('pub_params_M', 'the published parameter count (paper / model card), millions.', 'g'),
         Column('GMACs', "the zoo model's multiply-accumulates per image at the input size, billions "
@@ -136,14 +258,29 @@ def columns(args):
                            'pub_GMACs (only at the model\'s own input size).', '+.2f'),
         Column('top1_pub', 'the published ImageNet-1k top-1, %.', 'g'),
         Column('img/s', f'the zoo model\'s inference throughput, images per second (batch {args.batch_size}, '
-                        f'{args.dtype}, best of {args.reps} rounds after a warm-up).', '.4g', width=6),
-        Column('ref_img/s', 'the timm reference\'s throughput, measured in the same run, its rounds '
-                            'interleaved with the zoo\'s.', '.4g', width=6),
+                        f'{dtype_text(args)}, best of {args.reps} rounds after a warm-up).', '.4g', width=6),
+        Column('ref_img/s', 'the reference\'s throughput (timm\'s, or the official model given `--official-repo`), '
+                            'measured in the same run, its rounds interleaved with the zoo\'s.', '.4g', width=6),
         Column('ratio', 'img/s / ref_img/s, measured side by side in one run (> 1: the zoo is faster). '
                         'Ratios move with the CPU and the load: compare them within one run.', '.2f'),
         Column('max_diff', 'max |zoo logits - reference logits| / max |reference logits| on the timed batch, '
                            'the reference\'s weights loaded into the zoo model.', '.1e'),
+        Column('GFLOP/s', 'the zoo model\'s arithmetic rate: 2 * GMACs * img/s (the counted GMACs, not the kernels\' '
+                          'own work).', '.4g'),
+        Column('gemm_%', f'GFLOP/s as a share of this machine\'s {args.dtype} GEMM rate (the header), %: low = a '
+                         'family that uses the machine less than its arithmetic allows.', '.1f'),
     ]
+    if not args.no_backward:
+        cols += [
+            Column('fb_img/s', 'the zoo model\'s training-step throughput: forward + backward (train mode, loss = the '
+                               'logits\' sum, gradients cleared after each step), timed as img/s is.', '.4g', width=6),
+            Column('fb_ref_img/s', 'the reference\'s training-step throughput, its rounds interleaved with the zoo\'s.',
+                   '.4g', width=6),
+            Column('fb_ratio', 'fb_img/s / fb_ref_img/s (> 1: the zoo trains faster).', '.2f'),
+            Column('fb_GFLOP/s', '3 * 2 * GMACs * fb_img/s: the backward counted as twice the forward\'s FLOPs '
+                                 '(gradients of the activations and of the weights).', '.4g'),
+            Column('fb_gemm_%', f'fb_GFLOP/s as a share of the {args.dtype} GEMM rate, %.', '.1f'),
+        ]
     if args.compare_backend:
         b = args.compare_backend
         cols += [Column(f'{b}_img/s', f'the zoo model with every op forced to backend `{b}`, same run.', '.4g'),
@@ -155,10 +292,25 @@ def dash_notes():
     fams = official_families()
     return ['`-`: nothing to show. In `pub_*`, `top1_pub` and `dGMACs_%`: no published figure for that variant '
             '(or another input size than the published one). In the speed columns: the model was not timed '
-            '(the default job times the variants tested in full; `--speed none` times none). In `ref_img/s`, '
-            '`ratio` and `max_diff`: no timm reference to time -- the official-reference families '
-            f'({", ".join(fams)}) are compared with their authors\' code by `tools/official_bench.py --family F '
-            '--official-repo PATH`, which needs a checkout of the official repository.']
+            '(the default job times the variants tested in full; `--speed none` times none). In the reference '
+            'columns (`ref_img/s`, `ratio`, `max_diff`, `fb_ref_img/s`, `fb_ratio`) of the official-reference '
+            f'families ({", ".join(fams)}): their reference is the authors\' code, timed only given '
+            '`--official-repo FAMILY=PATH` (a checkout of the official repository; `tools/official_bench.py` '
+            'compares one model in more detail). In `gemm_%`: no native GEMM of the run\'s dtype on this CPU. '
+            'In the `fb_` columns: a batch of 1 through BatchNorm, which cannot train on one value per channel.']
+
+
+def dtype_text(args):
+    return args.dtype if args.dtype == 'float32' else f'{args.dtype} autocast (float32 weights)'
+
+
+def memory_columns(sides):
+    return [Column('model', 'each official-reference family\'s smallest variant in the run.'),
+            Column('implementation', '`zoo`, or `official`: the authors\' model, given `--official-repo FAMILY=PATH`.'),
+            *[Column(memory_key(s), '' if i else f'(and every `MB@<side>`) peak memory of one inference forward at '
+                     f'{s}x{s} (batch 1, float32), MB: memory alive beyond the input (tools/opbench.peak_mb; on CPU '
+                     'the highest allocator total the profiler reports during the call).', '.0f')
+              for i, s in enumerate(sides)]]
 
 
 def run_kind(args):
@@ -166,9 +318,11 @@ def run_kind(args):
     of the page the run may write."""
     if args.quick:
         return 'quick'
+    # (getattr: a caller's Namespace may predate the memory and training-step options)
     chosen = [args.model, args.img_size, args.batch_size, args.reps, args.backend, args.compare_backend,
-              args.threads, os.environ.get('MIXZOO_BACKEND')]
-    if any(v is not None for v in chosen) or args.speed != 'default' or args.dtype != 'float32':
+              args.threads, os.environ.get('MIXZOO_BACKEND'), getattr(args, 'memory_sides', None)]
+    if any(v is not None for v in chosen) or args.speed != 'default' or args.dtype != 'float32' or \
+            getattr(args, 'no_backward', False):
         return 'custom'
     return 'full'
 
@@ -193,9 +347,13 @@ def versions():
     return f'mixzoo {v}{commit}, Python {platform.python_version()}'
 
 
-def page_section(kind, argv, head, cols, rows, elapsed, device):
-    """(key, Markdown) of this run's section of the page."""
-    key = machine_key(device) + {'full': '', 'quick': ', quick look', 'custom': ', custom run'}[kind]
+def section_key(kind, device):
+    return machine_key(device) + {'full': '', 'quick': ', quick look', 'custom': ', custom run'}[kind]
+
+
+def page_section(kind, argv, head, cols, rows, elapsed, device, extra=()):
+    """(key, Markdown) of this run's section of the page; `extra`: lines after the table's legend."""
+    key = section_key(kind, device)
     what = {'full': 'the full run', 'quick': 'a quick look (`--quick`: a first look, not a figure)',
             'custom': 'a custom run'}[kind]
     cmd = ' '.join(['python tools/benchmark.py'] + [shlex.quote(a) for a in argv])
@@ -205,8 +363,60 @@ def page_section(kind, argv, head, cols, rows, elapsed, device):
              f'{f"{elapsed / 60:.0f} min" if elapsed >= 120 else f"{elapsed:.0f} s"}.', '',
              '```text', *head, '```', '',
              *benchpage.table(cols, rows), '',
-             *benchpage.legend(cols, dash_notes())]
+             *benchpage.legend(cols, dash_notes()), *extra]
     return key, '\n'.join(lines)
+
+
+def memory_models(names):
+    """Each official-reference family's smallest variant among `names` (fewest published GMACs, fully tested
+    variants first): the models of the peak-memory sweep."""
+    best = {}
+    for n in names:
+        m = MODELS[n]
+        cost = (m.build_only, m.gmacs or float('inf'))
+        if m.reference.startswith('official:') and (m.family not in best or cost < best[m.family][0]):
+            best[m.family] = (cost, n)
+    return [n for _, n in sorted(best.values(), key=lambda v: v[1])]
+
+
+def memory_rows(names, sides, official, device, progress):
+    """Peak memory of one forward at each side: a row for each zoo model and, given its repository, one for the
+    official model (rebuilt for each side, where it is tied to one input size)."""
+    rows = []
+    for name in memory_models(names):
+        progress(f'{name}: peak memory of one forward at sides {", ".join(map(str, sides))}')
+        zoo = timm.create_model(name).eval().to(device)
+        rows.append({'model': name, 'implementation': 'zoo',
+                     **{memory_key(s): official_bench.forward_peak_mb(zoo, s, device) for s in sides}})
+        family = MODELS[name].family
+        if family in official:
+            try:
+                rows.append({'model': name, 'implementation': 'official', **{
+                    memory_key(s): official_bench.forward_peak_mb(
+                        official_bench.build(*official[family], name, (s, s)).to(device), s, device) for s in sides}})
+            except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
+                official_failed(name, e)
+    return rows
+
+
+def official_failed(name, e):
+    print(f'{name}: the official model was not built or did not run ({type(e).__name__}: {e}); its columns show -',
+          file=sys.stderr, flush=True)
+
+
+def plot_lines(page, key, args, rows, mem_rows, sides):
+    """Draw the plots beside the page (where matplotlib is installed); the Markdown lines that show them."""
+    stem = re.sub(r'[^a-z0-9]+', '-', key.lower()).strip('-')
+    points = benchplots.speed_points(rows, lambda n: family_name(MODELS[n].family))
+    lines = benchplots.memory_lines(mem_rows, sides)
+    try:
+        paths = benchplots.draw(os.path.join(os.path.dirname(os.path.abspath(page)), PLOTS_DIR), stem, key, points,
+                                lines, f'images / s (batch {args.batch_size}, {dtype_text(args)})')
+    except benchplots.PlotsUnavailable as e:
+        print(f'plots: not drawn ({e})', file=sys.stderr, flush=True)
+        return ['', f'Plots: not drawn by this run ({e}).']
+    print(f'plots: wrote {", ".join(paths)}', file=sys.stderr, flush=True)
+    return [''] + [f'![{os.path.basename(p)}]({PLOTS_DIR}/{os.path.basename(p)})' for p in paths]
 
 
 def main(argv=None):
@@ -222,7 +432,16 @@ def main(argv=None):
                                                         '--model ones), batch 2, best of 3')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', *DTYPES],
+                   help='float16 / bfloat16 (fp16 / bf16): the zoo and its reference under torch.autocast')
+    p.add_argument('--no-backward', action='store_true', help='time inference only (no training-step columns)')
+    p.add_argument('--official-repo', nargs='+', action='extend', default=[], metavar='FAMILY=PATH',
+                   help='time the official-reference family FAMILY (nat, dinat, transnext, l2vit, biformer) beside '
+                        'its authors\' code, from the checkout at PATH (built by tools/official/FAMILY.py)')
+    p.add_argument('--memory-sides', nargs='*', type=int, default=None, metavar='SIDE',
+                   help='peak memory of one forward at these input sides for the official-reference families\' '
+                        f'smallest variants (default: {" ".join(map(str, MEMORY_SIDES))} in the full run, none '
+                        'otherwise)')
     p.add_argument('--backend', default=None, help="force op backends for the zoo, e.g. 'window:torch'")
     p.add_argument('--compare-backend', default=None, help="also time the zoo with this backend, e.g. 'reference'")
     p.add_argument('--csv', default=None, help='append rows to this CSV file')
@@ -236,7 +455,11 @@ def main(argv=None):
                                                '(tools/opbench.py)')
     p.add_argument('--backward', action='store_true', help='with --op: time forward+backward')
     args = p.parse_args(argv)
+    args.dtype = DTYPES.get(args.dtype, args.dtype)
     kind = run_kind(args)
+    if args.memory_sides is None:
+        args.memory_sides = list(MEMORY_SIDES) if kind == 'full' else []
+    official = official_repos(p, args.official_repo)
     if args.batch_size is None:
         args.batch_size = 2 if args.quick else 8
     if args.reps is None:
@@ -251,7 +474,6 @@ def main(argv=None):
         print(f'device {args.device}, {args.dtype}')
         opbench.OPS[args.op](args)
         return 0
-    dtype = getattr(torch, args.dtype)
 
     names = quick_models() if args.quick and not args.model else list(MODELS)
     if args.model:
@@ -263,10 +485,13 @@ def main(argv=None):
         set() if args.speed == 'none' else {n for n in names if not MODELS[n].build_only}
 
     forced = os.environ.get('MIXZOO_BACKEND')
+    rates, gemm_line = gemm_rates(args.device, args.dtype)
     head = describe(args.device) + [
-        f'device {args.device}, batch {args.batch_size}, {args.dtype}, best of {args.reps}'
+        f'device {args.device}, batch {args.batch_size}, {dtype_text(args)}, best of {args.reps}'
         f'{", quick mode" if args.quick else ""}; timed: {len(timed)} of {len(names)} models'
-        f'{f"; MIXZOO_BACKEND={forced}" if forced else ""}',
+        f'{f"; MIXZOO_BACKEND={forced}" if forced else ""}'
+        f'{f"; official code: {chr(44).join(sorted(official))}" if official else ""}',
+        gemm_line,
         versions()]
     print('\n'.join(head), flush=True)
     cols = columns(args)
@@ -290,21 +515,31 @@ def main(argv=None):
                'top1_pub': info.top1}
         if name in timed:
             progress(f'{name}: timing beside {info.reference} at {size[0]}x{size[1]} (warm-up + {args.reps} rounds)')
-            row.update(speed(name, info, size, args, dtype))
+            row.update(speed(name, info, size, args, official))
+            row.update(efficiency(row, rates[args.dtype]))
         rows.append(row)
         print(benchpage.row(cols, row, widths), flush=True)
-    elapsed = time.perf_counter() - t0
     print('\n' + '\n'.join(benchpage.legend(cols, dash_notes())))
+    mem_rows, mem_lines = [], []
+    if args.memory_sides:
+        mem_cols = memory_columns(args.memory_sides)
+        mem_rows = memory_rows(names, args.memory_sides, official, args.device, progress)
+        mem_lines = ['', '### Peak memory against the input side', '', *benchpage.table(mem_cols, mem_rows), '',
+                     *benchpage.legend(mem_cols)]
+        print('\n' + '\n'.join(mem_lines[3:]), flush=True)
+    elapsed = time.perf_counter() - t0
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=[c.name for c in cols])
+            w = csv.DictWriter(f, fieldnames=[c.name for c in cols], extrasaction='ignore')
             if new:
                 w.writeheader()
             w.writerows(rows)
     page = None if args.no_page else args.page or (PAGE if kind in ('full', 'quick') else None)
     if page:
-        key, body = page_section(kind, argv, head, cols, rows, elapsed, args.device)
+        key = section_key(kind, args.device)
+        plots = plot_lines(page, key, args, rows, mem_rows, args.memory_sides)
+        key, body = page_section(kind, argv, head, cols, rows, elapsed, args.device, mem_lines + plots)
         what = benchpage.update_page(page, key, body, PREAMBLE)
         print(f'page: {what} the section "{key}" of {page}', file=sys.stderr, flush=True)
     elif not args.no_page:
@@ -314,23 +549,57 @@ def main(argv=None):
     return 0
 
 
-def speed(name, info, size, args, dtype):
-    kind, ref_name = info.reference.split(':', 1)
-    zoo = timm.create_model(name).eval().to(args.device, dtype)
-    runs = {}
+def official_repos(p, specs):
+    """{family: (its official recipe, the checkout's path)} from the FAMILY=PATH options."""
     out = {}
-    x = torch.randn(args.batch_size, 3, *size, device=args.device, dtype=dtype)
+    for spec in specs:
+        family, _, path = spec.partition('=')
+        if not path or not os.path.isdir(path):
+            p.error(f'--official-repo {spec}: want FAMILY=PATH, PATH a checkout of the official repository')
+        try:
+            out[family] = (official_bench.recipes.recipe(family), os.path.abspath(path))
+        except KeyError as e:
+            p.error(f'--official-repo {spec}: {e.args[0]}')
+    return out
+
+
+def speed(name, info, size, args, official):
+    """The speed columns of one model: inference beside its reference, then the training step (both timed with
+    interleaved rounds, best of --reps)."""
+    kind, ref_name = info.reference.split(':', 1)
+    ref = None
     if kind == 'timm':
-        ref = timm.create_model(ref_name).eval().to(args.device, dtype)
+        ref = timm.create_model(ref_name)
+        zoo = timm.create_model(name)
         zoo.load_state_dict(ref.state_dict())
-        runs['ref'] = ref
+    elif info.family in official:
+        try:
+            ref, zoo = official_bench.pair(*official[info.family], name, size)
+        except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
+            official_failed(name, e)
+    if ref is None:
+        zoo = timm.create_model(name)
+    models = {'zoo': zoo.eval().to(args.device)}
+    if ref is not None:
+        models['ref'] = ref.eval().to(args.device)
+    amp = precision(args)
+    runs = {k: under(amp, m) for k, m in models.items()}
+    out = {}
+    x = torch.randn(args.batch_size, 3, *size, device=args.device)
     with forced_backend(args.backend):
-        runs['zoo'] = zoo
         if args.compare_backend:
             def zoo_forced(t):
                 with forced_backend(args.compare_backend):
-                    return zoo(t)
+                    return runs['zoo'](t)
             runs['forced'] = zoo_forced
+        fb = {}
+        # the training step first: a tensor a model caches during an inference_mode forward (PoolFormer's border
+        # counts) cannot be saved for a later backward
+        if not args.no_backward:
+            try:
+                fb = time_training(models, x, args.reps, args.device, amp)
+            except ValueError as e:   # BatchNorm refuses to train on one value per channel (a batch of 1)
+                print(f'{name}: training step not timed ({e})', file=sys.stderr, flush=True)
         best, outs = time_side_by_side(runs, x, args.reps, args.device)
     bs = args.batch_size
     out['img/s'] = bs / best['zoo']
@@ -342,8 +611,12 @@ def speed(name, info, size, args, dtype):
     if 'forced' in best:
         out[f'{args.compare_backend}_img/s'] = bs / best['forced']
         out[f'ratio_vs_{args.compare_backend}'] = best['forced'] / best['zoo']
+    if fb:
+        out['fb_img/s'] = bs / fb['zoo']
+    if 'ref' in fb:
+        out['fb_ref_img/s'] = bs / fb['ref']
+        out['fb_ratio'] = fb['ref'] / fb['zoo']
     return out
-
 
 if __name__ == '__main__':
     sys.exit(main())

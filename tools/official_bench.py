@@ -50,6 +50,46 @@ def op_table(rec, args):
                   f'{t["official"] / t["zoo"]:13.2f}x |')
 
 
+def build(rec, repo: str, name: str, size, weights=None):
+    """The official model of zoo model ``name`` (its recipe's variant), built for ``size`` (some are tied to one
+    input size), in eval mode: with ``weights`` where given, else random weights that make every tensor matter."""
+    variants = {n: v for v, n in rec.VARIANTS.items()}
+    if name not in variants:
+        raise KeyError(f'{name}: not among the official recipe\'s variants ({", ".join(variants)})')
+    model = rec.build_variant(repo, variants[name], tuple(size))
+    if weights is None:
+        from mixzoo._random import randomize_
+        randomize_(model)
+    else:
+        model.load_state_dict(weights)
+    return model.eval()
+
+
+def pair(rec, repo: str, name: str, size):
+    """(official, zoo): the official model with random weights and the zoo model ``name`` with the same weights,
+    loaded through the zoo's converter, both in eval mode. The official code is imported before the zoo."""
+    official = build(rec, repo, name, size)
+    import timm
+    import mixzoo  # noqa: F401
+    zoo = timm.create_model(name)
+    zoo.load_state_dict(sys.modules[type(zoo).__module__].checkpoint_filter_fn(dict(official.state_dict()), zoo))
+    return official, zoo.eval()
+
+
+def forward_peak_mb(model, side: int, device: str = 'cpu') -> float:
+    """Peak memory of one inference forward of a (1, 3, side, side) input, MB (opbench.peak_mb: memory alive
+    beyond the input), after one unmeasured forward at that side: the first call at a size in a process allocates
+    more (about 10% at small sizes), so whichever model ran first would be charged for it."""
+    from opbench import peak_mb
+    x = torch.randn(1, 3, side, side, device=device)
+
+    def one():
+        with torch.inference_mode():
+            model(x)
+    one()
+    return peak_mb(one, device)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--family', required=True)
@@ -68,18 +108,9 @@ def main(argv=None):
         op_table(rec, args)
         if args.ops_only:
             return 0
+    from opbench import best_time
     name = rec.VARIANTS[args.variant]
-    official = rec.build_variant(repo, args.variant, (args.size, args.size))
-    import timm
-    import mixzoo  # noqa: F401
-    from mixzoo._random import randomize_
-    from opbench import best_time, peak_mb
-
-    randomize_(official)
-    weights = official.state_dict()
-    zoo = timm.create_model(name)
-    zoo.load_state_dict(sys.modules[type(zoo).__module__].checkpoint_filter_fn(dict(weights), zoo))
-    official.eval(), zoo.eval()
+    official, zoo = pair(rec, repo, name, (args.size, args.size))
     print(f'# {name} vs official {rec.REPO} ({args.variant}), CPU: {cpu_model()}, torch {torch.__version__}')
     x = torch.randn(args.batch, 3, args.size, args.size)
     with torch.inference_mode():
@@ -108,15 +139,8 @@ def main(argv=None):
               f'{t["official"] / t["zoo"]:13.2f}x |')
     if args.memory_size:
         S = args.memory_size
-        big = rec.build_variant(repo, args.variant, (S, S))
-        big.load_state_dict(weights)
-        big.eval()
-        xb = torch.randn(1, 3, S, S)
-
-        def one(m):
-            with torch.inference_mode():
-                m(xb)
-        mo, mz = peak_mb(lambda: one(big), 'cpu'), peak_mb(lambda: one(zoo), 'cpu')
+        big = build(rec, repo, name, (S, S), official.state_dict())
+        mo, mz = forward_peak_mb(big, S), forward_peak_mb(zoo, S)
         print(f'peak memory of one forward at {S}x{S} (batch 1, inference): official {mo:.0f} MB, zoo {mz:.0f} MB '
               f'(zoo / official = {mz / mo:.3f})')
 
