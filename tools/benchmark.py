@@ -191,6 +191,13 @@ def time_training(models, x, reps, device, amp):
             m.eval()
 
 
+def fb_reps(reps):
+    """The training step's rounds: half the forward's, at least 2 (as tools/official_bench.py). A step costs about
+    three forwards and varies less in relative terms: with half the rounds the full run takes about 2.5x its
+    forward-only time rather than 4x."""
+    return min(reps, max(2, reps // 2))
+
+
 def efficiency(row, rate):
     """GFLOP/s from the counted GMACs (2 FLOPs a MAC; forward+backward: 3x the forward's FLOPs), and its share of
     the GEMM rate in %."""
@@ -273,7 +280,8 @@ def columns(args):
     if not args.no_backward:
         cols += [
             Column('fb_img/s', 'the zoo model\'s training-step throughput: forward + backward (train mode, loss = the '
-                               'logits\' sum, gradients cleared after each step), timed as img/s is.', '.4g', width=6),
+                               'logits\' sum, gradients cleared after each step), best of '
+                               f'{fb_reps(args.reps)} rounds after a warm-up step.', '.4g', width=6),
             Column('fb_ref_img/s', 'the reference\'s training-step throughput, its rounds interleaved with the zoo\'s.',
                    '.4g', width=6),
             Column('fb_ratio', 'fb_img/s / fb_ref_img/s (> 1: the zoo trains faster).', '.2f'),
@@ -486,11 +494,13 @@ def main(argv=None):
 
     forced = os.environ.get('MIXZOO_BACKEND')
     rates, gemm_line = gemm_rates(args.device, args.dtype)
+    with_official = f'; official code: {", ".join(sorted(official))}' if official else ''
     head = describe(args.device) + [
         f'device {args.device}, batch {args.batch_size}, {dtype_text(args)}, best of {args.reps}'
-        f'{", quick mode" if args.quick else ""}; timed: {len(timed)} of {len(names)} models'
-        f'{f"; MIXZOO_BACKEND={forced}" if forced else ""}'
-        f'{f"; official code: {chr(44).join(sorted(official))}" if official else ""}',
+        f'{", quick mode" if args.quick else ""}'
+        f'{"" if args.no_backward else f" (training step: best of {fb_reps(args.reps)})"}'
+        f'; timed: {len(timed)} of {len(names)} models'
+        f'{f"; MIXZOO_BACKEND={forced}" if forced else ""}{with_official}',
         gemm_line,
         versions()]
     print('\n'.join(head), flush=True)
@@ -531,7 +541,7 @@ def main(argv=None):
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=[c.name for c in cols], extrasaction='ignore')
+            w = csv.DictWriter(f, fieldnames=[c.name for c in cols])
             if new:
                 w.writeheader()
             w.writerows(rows)
@@ -597,7 +607,7 @@ def speed(name, info, size, args, official):
         # counts) cannot be saved for a later backward
         if not args.no_backward:
             try:
-                fb = time_training(models, x, args.reps, args.device, amp)
+                fb = time_training(models, x, fb_reps(args.reps), args.device, amp)
             except ValueError as e:   # BatchNorm refuses to train on one value per channel (a batch of 1)
                 print(f'{name}: training step not timed ({e})', file=sys.stderr, flush=True)
         best, outs = time_side_by_side(runs, x, args.reps, args.device)
