@@ -3,7 +3,8 @@
 
     python tools/export.py --model mz_poolformer_s12 --format onnx --dynamic --out s12.onnx
     python tools/export.py --model mz_davit_tiny --checkpoint davit_tiny.pth --format onnx --out davit.onnx
-    python tools/export.py --model mz_nat_mini --format exported-program --dynamic --out nat.pt2
+    python tools/export.py --model mz_nat_mini --format onnx --size 320 320 --out nat320.onnx
+    python tools/export.py --model mz_shvit_s1 --format exported-program --dynamic --out shvit.pt2
 
 The model is built in eval mode (random weights, or ``--checkpoint``: any layout the family's loader
 reads) and traced with ``torch.export`` (non-strict) under ``no_grad`` with every op on its plain-torch
@@ -38,23 +39,28 @@ from mixzoo.ops import forcing  # noqa: E402
 FORMATS = ('onnx', 'exported-program')
 MAX_SIDE = 4096
 
-# Families whose dynamic-size export is refused, with the reason (measured with torch 2.14.1: the
-# graph torch.export traces specialises the input size there, or its shape reasoning does not end).
-# Every other family exports with symbolic H and W. Static export works for all.
-_WINDOWS = ('window partition: the padded map, its window count and the crop back are computed from the size '
-            'in Python (a size-1 window count at the last stage and the crop bound are specialised)')
+# Families whose dynamic-size export is refused, with the reason (measured with torch 2.14.1). Their maps are
+# padded stage by stage (to the window, block, region or kernel), and torch.export's shape reasoning turns the
+# pad amounts into guards on the input size ("pad == 0" at the traced size: H % 16 == 0 for DaViT at 224) or into
+# nested floor divisions its solver cannot decide (sympy: "cannot be solved using solve_univariate_inequality");
+# the graph would be for the traced size class only. Static export works for all of them (tests: onnxruntime
+# equals PyTorch at 224 and 200x232). PoolFormer and SHViT export with symbolic H and W.
+_PADDED = ('its stages pad the map to a multiple of the {} from the size; torch.export turns the pad amounts into '
+           'guards on the input size (specialised to the traced size class) or expressions its solver cannot '
+           'decide')
 DYNAMIC_UNSUPPORTED: Dict[str, str] = {
-    'davit': _WINDOWS, 'l2vit': _WINDOWS, 'maxvit': _WINDOWS,
-    'halonet': "torch.export's constraint solver fails on its block / halo padding of the map "
-               '(AssertionError: Cannot create Dim with inconsistent min=1, max=1)',
-    'nat': 'the neighborhood geometry depends on the map size relative to the kernel (the last stage map '
-           'equals the 7x7 kernel at 224: specialised to it)',
-    'dinat': 'the neighborhood geometry depends on the map size relative to the kernel and dilation (the last '
-             'stage map equals the 7x7 kernel at 224: specialised to it)',
+    'davit': _PADDED.format('7x7 window (and the stem / downsampling strides)'),
+    'l2vit': _PADDED.format('7x7 window (and the stem / downsampling strides)'),
+    'maxvit': _PADDED.format('block / grid partition'),
+    'halonet': _PADDED.format('halo block') + ' (AssertionError: Cannot create Dim with inconsistent min=1, max=1)',
+    'nat': 'the neighborhood geometry (window positions, query tiles) depends on the map size relative to the '
+           'kernel and is computed in Python (the last stage map equals the 7x7 kernel at 224: specialised to it)',
+    'dinat': 'the neighborhood geometry (window positions, query tiles, dilation groups) depends on the map size '
+             'relative to the kernel and dilation and is computed in Python',
     'transnext': "its position-bias table holds the distinct (query, pooled key) offsets of the map size, a count "
                  "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache)",
-    'biformer': 'routing regions: the region grid and padding are computed from the size in Python, and the '
-                'trace did not finish in 400 s on 2 cores',
+    'biformer': _PADDED.format('region grid (7x7 regions a stage)') + '; the dynamic trace did not finish in 400 s '
+                'on 2 cores',
 }
 
 
@@ -84,8 +90,12 @@ def dynamic_range(model: torch.nn.Module) -> Tuple[int, int]:
 @contextlib.contextmanager
 def _plain_torch():
     """Every op on its 'torch' backend, the traceable one (the C / Triton kernels step aside under tracing
-    anyway; forcing makes it explicit and independent of MIXZOO_BACKEND)."""
-    with forcing('torch'):
+    anyway; forcing makes it explicit and independent of MIXZOO_BACKEND). SDPA traced on its math kernel:
+    CPU flash attention returns a (B, N, heads, D)-strided output, so a following transpose + reshape is
+    recorded as a view; the ONNX exporter re-runs the graph with SDPA decomposed (contiguous output), where
+    that view is invalid (MaxViT: "Cannot view a tensor with shape [64, 49, 2, 32] ...")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with forcing('torch'), sdpa_kernel(SDPBackend.MATH):
         yield
 
 
@@ -152,8 +162,9 @@ def to_onnx(ep: torch.export.ExportedProgram, out: str, opset: Optional[int] = N
 
 def export(name: str, out: str, fmt: str = 'onnx', dynamic: bool = False, checkpoint: Optional[str] = None,
            opset: Optional[int] = None, size: Optional[Sequence[int]] = None, batch: int = 1,
-           **model_kwargs) -> float:
-    """Build ``name``, export it to ``out``; returns the seconds the export took (tracing + conversion)."""
+           **model_kwargs) -> Tuple[torch.nn.Module, float]:
+    """Build ``name``, export it to ``out``; returns the model and the seconds the export took (tracing +
+    conversion)."""
     if fmt not in FORMATS:
         raise ExportError(f'unknown format {fmt!r}; choose from {", ".join(FORMATS)}')
     if fmt == 'onnx':
@@ -165,7 +176,36 @@ def export(name: str, out: str, fmt: str = 'onnx', dynamic: bool = False, checkp
         to_onnx(ep, out, opset)
     else:
         torch.export.save(ep, out)
-    return time.perf_counter() - t
+    return model, time.perf_counter() - t
+
+
+def verify(model: torch.nn.Module, out: str, size: Sequence[int], batch: int = 1, reps: int = 5) -> Dict[str, float]:
+    """onnxruntime on ``out`` beside the PyTorch model (eval, its default backends) on one random batch of the
+    given size: max |ort - torch| / max |torch|, and each one's latency (best of ``reps``, ms) at the torch
+    thread count."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(f'--verify needs onnxruntime ({e}): pip install "mixzoo[deploy]"') from e
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(out, so, providers=['CPUExecutionProvider'])
+    x = torch.randn(batch, model.in_chans, *size)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+
+    def best(fn):
+        fn()      # warm-up
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+    with torch.no_grad():
+        ref = model(x)
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        return dict(rel_diff=((got - ref).abs().max() / ref.abs().max()).item(),
+                    torch_ms=best(lambda: model(x)), ort_ms=best(lambda: sess.run(None, feed)))
 
 
 def main(argv=None) -> int:
@@ -179,13 +219,26 @@ def main(argv=None) -> int:
     p.add_argument('--opset', type=int, default=None, help='ONNX opset (default: the exporter\'s)')
     p.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'), help='example / static input size')
     p.add_argument('--out', required=True)
+    p.add_argument('--verify', action='store_true', help='onnx: run the file in onnxruntime beside PyTorch at the '
+                   'export size (relative difference, latency of each); exit 1 above 1e-4 of the logit scale')
     a = p.parse_args(argv)
     try:
-        secs = export(a.model, a.out, a.format, a.dynamic, a.checkpoint, a.opset, a.size, a.batch)
+        model, secs = export(a.model, a.out, a.format, a.dynamic, a.checkpoint, a.opset, a.size, a.batch)
+        print(f'{a.model}: {a.format} {"dynamic" if a.dynamic else "static"} -> {a.out} ({secs:.1f} s)')
+        if a.verify and a.format == 'onnx':
+            size = a.size or (MODELS[a.model].img_size,) * 2
+            r = verify(model, a.out, size, a.batch)
+            print(f'{a.model} at {size[0]}x{size[1]}, batch {a.batch}, {torch.get_num_threads()} threads: '
+                  f'max |onnxruntime - torch| / max |torch| = {r["rel_diff"]:.2e}; latency torch {r["torch_ms"]:.1f} '
+                  f'ms, onnxruntime {r["ort_ms"]:.1f} ms')
+            if r['rel_diff'] > 1e-4:
+                print('export: onnxruntime differs from PyTorch by more than 1e-4 of the logit scale', file=sys.stderr)
+                return 1
+        elif a.verify:
+            raise ExportError('--verify runs onnxruntime: only with --format onnx')
     except (ExportError, KeyError, ValueError) as e:
         print(f'export: {e}', file=sys.stderr)
         return 2
-    print(f'{a.model}: {a.format} {"dynamic" if a.dynamic else "static"} -> {a.out} ({secs:.1f} s)')
     return 0
 
 

@@ -31,7 +31,9 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
                            scale=None, border='mask', window_weights=None):
     """Blocked dense products without extra keys; else query-row tiles: gathered windows + extra keys, one
     softmax, batched matmuls."""
-    if extra_k is None and window_weights is None:
+    # (exported with dilation: the gathered path, a few nodes a layer; the dilation groups' loops would each be
+    # nodes: DiNAT's ONNX export took 3x NAT's)
+    if extra_k is None and window_weights is None and not (dilation > 1 and torch.compiler.is_exporting()):
         return _dilated(q, k, v, kernel, dilation, rpb, q.shape[-1] ** -0.5 if scale is None else scale, border)
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
@@ -45,7 +47,10 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     kf, vf = k.reshape(B, h, H * W, D), v.reshape(B, h, H * W, Dv)
     ekt = extra_k.transpose(-1, -2) if extra_k is not None else None
     rows = max(1, TILE_TOKENS // W)
+    # (the fused merge calls a CPU kernel directly: not in an exported graph, which exporters re-trace with
+    # gradients and which runs elsewhere; ONNX export failed on it)
     fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
+             and not torch.compiler.is_exporting()
              and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                       for t in (q, k, v, rpb, extra_k, extra_v, extra_bias,
                                                                 window_weights))))
@@ -175,7 +180,9 @@ def _blocked(q, k, v, kernel, rpb, scale, border):
     # tile rows a chunk at a time: a chunk's logits over its regions stay about CHUNK_BYTES (cache-sized
     # buffers, reused by the allocator, where whole-map ones cost page faults on every call); its mask and
     # bias likewise (the bias of every window slot of the map is 1.5 x the map's logits)
-    step = max(1, min(nty, CHUNK_BYTES // max(1, P * h * ntx * T * R * q.element_size())))
+    # (an exported graph takes the whole map at once: chunks would each be nodes, and export time grows with them)
+    step = nty if torch.compiler.is_exporting() else max(1, min(nty, CHUNK_BYTES // max(1, P * h * ntx * T * R
+                                                                                      * q.element_size())))
     for a in range(0, nty, step):
         b = min(nty, a + step)
         yq, xq = qy[a:b, None, :, None], qx[None, :, None, :]            # (n, ntx, ty, tx) queries
