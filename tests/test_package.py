@@ -77,7 +77,7 @@ def test_readme_is_for_users():
     import mixzoo
     text = (ROOT / 'README.md').read_text(encoding='utf-8')
     lines = text.splitlines()
-    assert len(lines) <= 180, f'README.md has {len(lines)} lines: it is for users, measurements go to BENCHMARKS.md'
+    assert len(lines) <= 190, f'README.md has {len(lines)} lines: it is for users, measurements go to BENCHMARKS.md'
     assert any('timm.create_model(' in line for line in lines[:60])
     missing = [n for n in mixzoo.list_models() if f'`{n}`' not in text]
     assert not missing, f'not in the README model table (python tools/generate.py): {missing}'

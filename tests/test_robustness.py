@@ -224,6 +224,19 @@ def test_bad_inputs_are_named(name, models):
 
 
 @pytest.mark.parametrize('name', SMALL)
+def test_training_after_inference_mode(name):
+    """Evaluate under torch.inference_mode, then train at the same size: nothing the first call cached (border
+    counts, geometry tables) may be an inference tensor, which a training step cannot save for backward."""
+    m = _shallow_model(name)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        m(x)
+    m.train()
+    m(x).float().sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('name', SMALL)
 def test_nan_propagates_without_crash(name, models):
     x = torch.randn(1, 3, 64, 64)
     x[0, :, 10, 10] = float('nan')

@@ -34,7 +34,10 @@ class Pooling(nn.Module):
         static = all(type(n) is int for n in key[:2])   # (symbolic in a dynamic-size export: in the graph, uncached)
         inv = self._count.get(key) if static else None
         if inv is None:
-            inv = box_sum(torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype), self.pool_size).reciprocal()
+            # (outside inference mode: a cached inference tensor would fail every later training step, "Inference
+            # tensors cannot be saved for backward")
+            with torch.inference_mode(False):
+                inv = box_sum(torch.ones((1, 1) + key[:2], device=x.device, dtype=x.dtype), self.pool_size).reciprocal()
             if static:
                 self._count[key] = inv
         return inv
