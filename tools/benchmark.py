@@ -603,8 +603,6 @@ def speed(name, info, size, args, official):
                     return runs['zoo'](t)
             runs['forced'] = zoo_forced
         fb = {}
-        # the training step first: a tensor a model caches during an inference_mode forward (PoolFormer's border
-        # counts) cannot be saved for a later backward
         if not args.no_backward:
             try:
                 fb = time_training(models, x, fb_reps(args.reps), args.device, amp)
