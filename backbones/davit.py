@@ -13,7 +13,6 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
 
 from ._builder import register_family
@@ -22,6 +21,7 @@ from ._registry import SWIN_DENSE, Dense, Family, variant
 from ._renames import Rename, Renames
 from .layers import drop_path_rates, trunc_normal_init
 from .mixers import ChannelAttention, PartitionAttention
+from .ops.window import pad_to_multiple
 
 __all__ = ['DaVit']
 
@@ -94,9 +94,7 @@ class Stem(nn.Module):
         self.norm = LayerNorm2d(out_chs, eps=_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        x = F.pad(x, (0, -W % 4, 0, -H % 4))
-        return self.norm(self.conv(x))
+        return self.norm(self.conv(pad_to_multiple(x, (4, 4), (2, 3))))
 
 
 class Downsample(nn.Module):
@@ -108,8 +106,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(in_chs, out_chs, 2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        return self.conv(F.pad(self.norm(x), (0, -W % 2, 0, -H % 2)))
+        return self.conv(pad_to_multiple(self.norm(x), (2, 2), (2, 3)))
 
 
 class DaVit(StagedModelMixin, nn.Module):

@@ -23,10 +23,10 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
 
 from .ops._dispatch import tracing
+from .ops.window import pad_to_multiple
 
 from ._builder import register_family
 from ._features import Stage, StagedModelMixin
@@ -135,14 +135,6 @@ class LGABlock(nn.Module):
         return _residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
-def _pad_to(x: torch.Tensor, multiple: int, dims: Tuple[int, int]) -> torch.Tensor:
-    """Zero-pad the two spatial ``dims`` (H, W positions) at the bottom/right to a multiple."""
-    ph, pw = (-x.shape[dims[0]]) % multiple, (-x.shape[dims[1]]) % multiple
-    if not (ph or pw):
-        return x
-    return F.pad(x, (0, pw, 0, ph)) if dims == (2, 3) else F.pad(x, (0, 0, 0, pw, 0, ph))
-
-
 class Stem(nn.Module):
     """Pad to a multiple of 4, conv3x3/2 + BN + ReLU, conv3x3/2 + BN (folded in eval), LayerNorm; NCHW in,
     NCHW view of the NHWC result out."""
@@ -154,7 +146,7 @@ class Stem(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _nchw(self.norm(_nhwc(self.conv2(self.conv1(_pad_to(x, 4, (2, 3)))))))
+        return _nchw(self.norm(_nhwc(self.conv2(self.conv1(pad_to_multiple(x, (4, 4), (2, 3)))))))
 
 
 class Downsample(nn.Module):
@@ -166,7 +158,7 @@ class Downsample(nn.Module):
         self.proj = nn.Conv2d(in_chs, out_chs, 2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _nhwc(self.proj(_nchw(_pad_to(self.norm(x), 2, (1, 2)))))
+        return _nhwc(self.proj(_nchw(pad_to_multiple(self.norm(x), (2, 2), (1, 2)))))
 
 
 class L2ViTStage(Stage):

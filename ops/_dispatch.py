@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 __all__ = ['Call', 'Backend', 'BackendError', 'FLOATS', 'register', 'register_op', 'triton_kernels', 'backends', 'ops',
-           'select', 'forced_backend', 'forcing', 'parse_spec', 'check_spec', 'empty', 'poisoned_outputs']
+           'symbolic', 'select', 'forced_backend', 'forcing', 'parse_spec', 'check_spec', 'empty', 'poisoned_outputs']
 
 
 class BackendError(RuntimeError):
@@ -333,6 +333,13 @@ def tracing() -> bool:
     for the traceable ones."""
     return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+
+
+def symbolic(*sizes) -> bool:
+    """Any of ``sizes`` is symbolic (torch.export / compile with dynamic shapes): code that skips work when a
+    size is already a multiple (no padding, no crop) must not branch on it there (the branch is a guard that
+    specialises the graph to the traced size); it takes a branch-free path instead."""
+    return any(isinstance(s, torch.SymInt) for s in sizes)
 
 
 def triton_interpret() -> bool:

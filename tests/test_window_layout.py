@@ -3,7 +3,8 @@ convention, checked against explicit definitions and timm's TF-MaxViT bias."""
 import pytest
 import torch
 
-from mixzoo.ops.window import pad_map, padded_size, padding_key_mask, partition, relative_position_index, unpartition
+from mixzoo.ops.window import (crop, pad_map, pad_to_multiple, padded_size, padding_key_mask, partition,
+                               relative_position_index, unpartition)
 
 
 @pytest.mark.parametrize('mode', ['block', 'grid'])
@@ -47,3 +48,14 @@ def test_relative_position_index_convention():
     idx = relative_position_index((2, 3))
     # query (0, 0) -> key (1, 2): offset (+1, +2) -> row 1 + 1, col 2 + 2 of a 3 x 5 table
     assert idx[0, 1 * 3 + 2].item() == (1 + 1) * 5 + (2 + 2)
+
+
+@pytest.mark.parametrize('dims,shape', [((1, 2), (2, 13, 10, 3)), ((2, 3), (2, 3, 13, 10))])
+def test_pad_to_multiple_and_crop(dims, shape):
+    """Zero padding at the end of two dims (NHWC or NCHW) and its inverse; nothing to pad returns the input."""
+    x = torch.randn(shape)
+    y = pad_to_multiple(x, (7, 4), dims)
+    assert [y.shape[d] for d in dims] == [14, 12]
+    assert torch.equal(crop(y, (13, 10), dims), x)
+    assert y.count_nonzero() == x.count_nonzero()          # the padding is zeros
+    assert pad_to_multiple(x, (13, 5), dims) is x

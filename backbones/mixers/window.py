@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
-from ..ops.window import (pad_map, padded_size, padding_key_mask, partition, relative_position_index,
+from ..ops.window import (crop, pad_map, padded_size, padding_key_mask, partition, relative_position_index,
                         unpartition, window_attention)
 
 from .base import OpMixer
@@ -74,4 +74,4 @@ class PartitionAttention(OpMixer):
         o = window_attention(q, k, v, bias=bias, key_mask=mask, backend=self.op_backend(backend))   # (B*nW, h, N, D)
         o = self.proj_drop(self.proj(o.transpose(1, 2).reshape(Bw, N, C)))
         o = unpartition(o, ws, (Hp, Wp), self.partition)
-        return o[:, :H, :W] if (Hp, Wp) != (H, W) else o
+        return crop(o, (H, W))

@@ -13,22 +13,66 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['padded_size', 'pad_map', 'partition', 'unpartition', 'padding_key_mask', 'relative_position_index']
+from .._dispatch import symbolic
+
+__all__ = ['padded_size', 'pad_map', 'pad_to_multiple', 'crop', 'partition', 'unpartition', 'padding_key_mask', 'relative_position_index']
 
 Size = Tuple[int, int]
 
 
 def padded_size(hw: Size, window: Size) -> Size:
-    return (-(-hw[0] // window[0]) * window[0], -(-hw[1] // window[1]) * window[1])
+    return _padded(hw[0], window[0]), _padded(hw[1], window[1])
+
+
+def _padded(n, m):
+    # (one expression for symbolic sizes too: the padded tensor's size and the reshape to windows agree)
+    return (n + m - 1) // m * m
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Size, dims: Size = (1, 2)) -> torch.Tensor:
+    """Zero-pad the two ``dims`` of ``x`` at the end to a multiple of ``multiple``.
+
+    With symbolic sizes (torch.export with dynamic H, W) the pad amount is not taken from the size: a pad
+    computed as ``-size % m`` becomes a guard on the size (zero or not at the traced size) and the
+    padded size an expression torch's solver cannot relate to ``size`` (the crop back guards too). The map
+    is padded by the largest amount, ``m - 1`` (static), and the first ``ceil(size / m) * m`` rows kept by
+    an index (no bound to prove): the same values, a graph for every size."""
+    sizes = [x.shape[d] for d in dims]
+    if symbolic(*sizes):
+        for d, n, m in zip(dims, sizes, multiple):
+            if m > 1:
+                x = _pad_end(x, (d,), (m - 1,)).index_select(d, torch.arange(_padded(n, m), device=x.device))
+        return x
+    if all(n % m == 0 for n, m in zip(sizes, multiple)):
+        return x
+    return _pad_end(x, dims, [-n % m for n, m in zip(sizes, multiple)])
+
+
+def _pad_end(x: torch.Tensor, dims, amounts) -> torch.Tensor:
+    """F.pad at the end of ``dims`` by ``amounts`` (one copy)."""
+    dims = [d % x.dim() for d in dims]
+    pad = [0] * (2 * (x.dim() - min(dims)))
+    for d, n in zip(dims, amounts):
+        pad[2 * (x.dim() - 1 - d) + 1] = n
+    return F.pad(x, pad)
+
+
+def crop(x: torch.Tensor, sizes: Size, dims: Size = (1, 2)) -> torch.Tensor:
+    """The first ``sizes`` entries of the two ``dims`` (undoes :func:`pad_to_multiple`); a view, or an index
+    under symbolic sizes (a slice there needs size <= padded size proven: a guard)."""
+    if symbolic(*sizes):
+        for d, n in zip(dims, sizes):
+            x = x.index_select(d, torch.arange(n, device=x.device))
+        return x
+    idx = [slice(None)] * x.dim()
+    for d, n in zip(dims, sizes):
+        idx[d] = slice(0, n)
+    return x[tuple(idx)]
 
 
 def pad_map(x: torch.Tensor, window: Size) -> torch.Tensor:
     """Zero-pad a (B, H, W, C) map at the bottom/right to a multiple of ``window``."""
-    H, W = x.shape[1:3]
-    Hp, Wp = padded_size((H, W), window)
-    if (Hp, Wp) == (H, W):
-        return x
-    return F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+    return pad_to_multiple(x, window, (1, 2))
 
 
 def _split(Hp: int, Wp: int, window: Size, mode: str):
@@ -48,7 +92,15 @@ def partition(x: torch.Tensor, window: Size, mode: str = 'block') -> torch.Tenso
         raise ValueError(f'map {Hp}x{Wp} is not a multiple of window {window[0]}x{window[1]}; pad_map first')
     dims, perm = _split(Hp, Wp, window, mode)
     x = x.reshape(B, dims[0], dims[1], dims[2], dims[3], C).permute(*perm, 5)
-    return x.reshape(-1, window[0] * window[1], C)
+    return _flatten(x, (-1, window[0] * window[1], C))
+
+
+def _flatten(x: torch.Tensor, shape) -> torch.Tensor:
+    # reshape of a permuted map; under symbolic sizes a copy first: whether reshape can view depends on
+    # which window counts are 1 (a guard per count: the last stage's single window specialised the graph)
+    if symbolic(*x.shape):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(shape)
 
 
 def unpartition(windows: torch.Tensor, window: Size, hw: Size, mode: str = 'block') -> torch.Tensor:
@@ -62,20 +114,19 @@ def unpartition(windows: torch.Tensor, window: Size, hw: Size, mode: str = 'bloc
     inv = [0] * 5
     for pos, src in enumerate(perm):   # perm maps split dims -> (B, nh, nw, wh, ww)
         inv[src] = pos
-    x = x.permute(*inv, 5)
-    return x.reshape(-1, Hp, Wp, C)
+    return _flatten(x.permute(*inv, 5), (-1, Hp, Wp, C))
 
 
 def padding_key_mask(hw: Size, window: Size, mode: str = 'block',
                      device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
-    """(nWindows, wh*ww) bool, True where the token lies inside the H x W map; None if no padding."""
+    """(nWindows, wh*ww) bool, True where the token lies inside the H x W map; None if no padding (always a
+    mask under symbolic sizes: whether there is padding is not known)."""
     H, W = hw
     Hp, Wp = padded_size(hw, window)
-    if (Hp, Wp) == (H, W):
+    if not symbolic(H, W) and (Hp, Wp) == (H, W):
         return None
-    valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=device)
-    valid[:, :H, :W] = True
-    return partition(valid, window, mode)[..., 0]
+    valid = (torch.arange(Hp, device=device)[:, None] < H) & (torch.arange(Wp, device=device)[None, :] < W)
+    return partition(valid[None, :, :, None], window, mode)[..., 0]
 
 
 def relative_position_index(window: Size, device: Optional[torch.device] = None) -> torch.Tensor:
