@@ -3,8 +3,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, trunc_normal_
-from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same as _timm_pad_same
 
+from .ops._dispatch import symbolic
 from .ops._onednn import linear
 
 
@@ -86,8 +88,31 @@ def conv_bn_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, pre_bn: nn.BatchNorm2d =
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Run ``conv``'s geometry (incl. timm's dynamic 'same' padding) with other weights."""
     if isinstance(conv, Conv2dSame):
-        return conv2d_same(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(pad_same(x, conv.kernel_size, conv.stride, conv.dilation), weight, bias, conv.stride, 0,
+                        conv.dilation, conv.groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def pad_same(x: torch.Tensor, kernel, stride, dilation=(1, 1)) -> torch.Tensor:
+    """TF 'same' zero padding of an NCHW map for a strided kernel (timm's ``pad_same``: total
+    ``max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)``, half before, the rest after).
+
+    Under symbolic sizes (torch.export with dynamic H, W) the total, ``(-n) % s + (k - 1) * d + 1 - s``, would be a
+    guard on the size (timm's ``max`` / ``ceil`` of it specialise the graph): the map is padded by the largest
+    amounts (static) and the rows of this size's padding are picked by an index."""
+    sizes = x.shape[-2:]
+    if not symbolic(*sizes):
+        return _timm_pad_same(x, kernel, stride, dilation)
+    for axis, n, k, st, d in zip((-2, -1), sizes, kernel, stride, dilation):
+        span = (k - 1) * d + 1
+        if span < st:
+            raise NotImplementedError(f"'same' padding of a kernel span {span} < stride {st} under symbolic sizes")
+        total = (-n) % st + span - st
+        lo_max, lo_min = (span - 1) // 2, (span - st) // 2          # the totals range over span - st .. span - 1
+        hi_max = span - 1 - lo_min
+        pad = [0, 0, lo_max, hi_max] if axis == -2 else [lo_max, hi_max]
+        x = F.pad(x, pad).index_select(axis, torch.arange(n + total, device=x.device) + (lo_max - total // 2))
+    return x
 
 
 def trunc_normal_init(*types):

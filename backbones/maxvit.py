@@ -13,15 +13,16 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead,
-                         SEModule, create_conv2d, create_pool2d, make_divisible, resize_rel_pos_bias_table,
+                         SEModule, create_conv2d, make_divisible, resize_rel_pos_bias_table,
                          to_2tuple)
 
 from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import SWIN_DENSE, Dense, Family, variant
-from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates
+from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates, pad_same
 from .mixers import PartitionAttention
 
 __all__ = ['MaxVit']
@@ -36,11 +37,11 @@ class Downsample2d(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, bias: bool = True):
         super().__init__()
-        self.pool = create_pool2d('avg', 2, padding='same')
         self.expand = nn.Conv2d(dim, dim_out, 1, bias=bias) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.expand(self.pool(x))
+        # (timm's AvgPool2dSame: zeros of the padding counted; pad_same also under symbolic sizes)
+        return self.expand(F.avg_pool2d(pad_same(x, (2, 2), (2, 2)), 2, 2))
 
 
 class MbConvBlock(nn.Module):
@@ -69,7 +70,7 @@ class MbConvBlock(nn.Module):
             x = self.norm2.act(conv_forward(self.conv2_kxk, x, *conv_bn_folded(self.conv2_kxk, self.norm2)))
         else:
             x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
-            x = self.norm2(self.conv2_kxk(x))
+            x = self.norm2(conv_forward(self.conv2_kxk, x, self.conv2_kxk.weight, self.conv2_kxk.bias))
         return self.drop_path(self.conv3_1x1(self.se(x))) + shortcut
 
 
@@ -117,7 +118,7 @@ class Stem(nn.Module):
         if bn_foldable(x, self.norm1):
             x = self.norm1.act(conv_forward(self.conv1, x, *conv_bn_folded(self.conv1, self.norm1)))
         else:
-            x = self.norm1(self.conv1(x))
+            x = self.norm1(conv_forward(self.conv1, x, self.conv1.weight, self.conv1.bias))
         return self.conv2(x)
 
 

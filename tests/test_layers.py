@@ -1,4 +1,4 @@
-"""The oneDNN route of linear layers (ops._onednn.linear, mixzoo.layers.Linear)."""
+"""Shared layers: the oneDNN route of linear layers (ops._onednn.linear, mixzoo.layers.Linear), TF 'same' padding."""
 import pytest
 import timm
 import torch
@@ -96,3 +96,21 @@ def test_fx_trace_and_compile_keep_plain_linear():
     x = torch.randn(700, 64)
     torch.testing.assert_close(gm(x), F.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
     assert 'conv2d' not in gm.code
+
+
+@pytest.mark.parametrize('k,s', [(3, 2), (2, 2), (3, 1), (5, 2), (7, 4)])
+def test_pad_same_equals_timms_and_exports_any_size(k, s):
+    """TF 'same' padding equals timm's pad_same eagerly, and from one torch.export graph with symbolic H, W
+    (the branch-free path) at sizes of every remainder: no size was specialised."""
+    from timm.layers.padding import pad_same as timm_pad_same
+
+    class Pad(torch.nn.Module):
+        def forward(self, x):
+            return layers.pad_same(x, (k, k), (s, s))
+    dim = torch.export.Dim
+    ep = torch.export.export(Pad(), (torch.randn(1, 2, 20, 21),), strict=False,
+                             dynamic_shapes={'x': {2: dim('h', min=4, max=64), 3: dim('w', min=4, max=64)}})
+    for hw in ((20, 21), (13, 8), (9, 9), (16, 17)):
+        x = torch.randn(1, 2, *hw)
+        assert torch.equal(Pad()(x), timm_pad_same(x, (k, k), (s, s)))
+        assert torch.equal(ep.module()(x), timm_pad_same(x, (k, k), (s, s))), hw
