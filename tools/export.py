@@ -44,17 +44,14 @@ MAX_SIDE = 4096
 # pad amounts into guards on the input size ("pad == 0" at the traced size: H % 16 == 0 for DaViT at 224) or into
 # nested floor divisions its solver cannot decide (sympy: "cannot be solved using solve_univariate_inequality");
 # the graph would be for the traced size class only. Static export works for all of them (tests: onnxruntime
-# equals PyTorch at 224 and 200x232). PoolFormer, SHViT, DaViT, L2ViT and MaxViT export with symbolic H and W
-# (their pads: ops.window.pad_to_multiple / crop and layers.pad_same take a branch-free path under symbolic sizes).
+# equals PyTorch at 224 and 200x232). PoolFormer, SHViT, DaViT, L2ViT, MaxViT, NAT and DiNAT export with symbolic H
+# and W (their pads: ops.window.pad_to_multiple / crop, layers.pad_same and the neighborhood mixer's pad take a
+# branch-free path under symbolic sizes; the neighborhood op its gathered path).
 _PADDED = ('its stages pad the map to a multiple of the {} from the size; torch.export turns the pad amounts into '
            'guards on the input size (specialised to the traced size class) or expressions its solver cannot '
            'decide')
 DYNAMIC_UNSUPPORTED: Dict[str, str] = {
     'halonet': _PADDED.format('halo block') + ' (AssertionError: Cannot create Dim with inconsistent min=1, max=1)',
-    'nat': 'the neighborhood geometry (window positions, query tiles) depends on the map size relative to the '
-           'kernel and is computed in Python (the last stage map equals the 7x7 kernel at 224: specialised to it)',
-    'dinat': 'the neighborhood geometry (window positions, query tiles, dilation groups) depends on the map size '
-             'relative to the kernel and dilation and is computed in Python',
     'transnext': "its position-bias table holds the distinct (query, pooled key) offsets of the map size, a count "
                  "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache)",
     'biformer': _PADDED.format('region grid (7x7 regions a stage)') + '; the dynamic trace did not finish in 400 s '

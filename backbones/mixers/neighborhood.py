@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import neighborhood_attention
+from ..ops._dispatch import symbolic
+from ..ops.window import crop
 
 from .base import OpMixer
 
@@ -41,11 +43,23 @@ class NeighborhoodAttention(OpMixer):
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         B, H, W, C = x.shape
-        span = self.kernel_size * self.dilation
-        x = F.pad(x, (0, 0, 0, max(0, span - W), 0, max(0, span - H)))
+        x = self._pad_to_span(x)
         Hp, Wp = x.shape[1:3]
         q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
         o = neighborhood_attention(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb.to(q.dtype),
                                    scale=self.scale, border='shift', backend=self.op_backend(backend))
-        o = o.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)[:, :H, :W]
+        o = crop(o.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C), (H, W))
         return self.proj_drop(self.proj(o))
+
+    def _pad_to_span(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad a map smaller than the kernel's span (kernel x dilation) at the bottom / right up to it (the
+        padded tokens are keys of the border queries, as in NATTEN's NAT). Under symbolic sizes the largest pad
+        (static) and the first max(size, span) rows by an index: whether a size needs padding is not a guard."""
+        H, W = x.shape[1:3]
+        span = self.kernel_size * self.dilation
+        if not symbolic(H, W):
+            return F.pad(x, (0, 0, 0, max(0, span - W), 0, max(0, span - H)))
+        x = F.pad(x, (0, 0, 0, span - 1, 0, span - 1))
+        for axis, n in ((1, H), (2, W)):
+            x = x.index_select(axis, torch.arange(torch.sym_max(n, span), device=x.device))
+        return x

@@ -20,6 +20,7 @@ has no gradient for the log-sum-exp, so training takes the explicit path.
 """
 import torch
 
+from .._dispatch import symbolic
 from . import geometry as G
 
 TILE_TOKENS = 4096     # queries per tile (gathered path)
@@ -31,11 +32,13 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
                            scale=None, border='mask', window_weights=None):
     """Blocked dense products without extra keys; else query-row tiles: gathered windows + extra keys, one
     softmax, batched matmuls."""
-    # (exported with dilation: the gathered path, a few nodes a layer; the dilation groups' loops would each be
-    # nodes: DiNAT's ONNX export took 3x NAT's)
-    if extra_k is None and window_weights is None and not (dilation > 1 and torch.compiler.is_exporting()):
-        return _dilated(q, k, v, kernel, dilation, rpb, q.shape[-1] ** -0.5 if scale is None else scale, border)
     B, h, H, W, D = q.shape
+    sym = symbolic(H, W)
+    # (exported with dilation or symbolic sizes: the gathered path, a few nodes a layer, the whole map one tile;
+    # the blocked path's tiles and dilation groups are laid out in Python from the size (guards on it), and each
+    # group's loop would be nodes: DiNAT's static ONNX export took 3x NAT's)
+    if extra_k is None and window_weights is None and not ((dilation > 1 or sym) and torch.compiler.is_exporting()):
+        return _dilated(q, k, v, kernel, dilation, rpb, q.shape[-1] ** -0.5 if scale is None else scale, border)
     Dv = v.shape[-1]
     K2 = kernel * kernel
     scale = D ** -0.5 if scale is None else scale
@@ -46,7 +49,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         add = add + G.rel_bias(rpb, rr, rc).to(ct)                    # (h, H, W, k*k)
     kf, vf = k.reshape(B, h, H * W, D), v.reshape(B, h, H * W, Dv)
     ekt = extra_k.transpose(-1, -2) if extra_k is not None else None
-    rows = max(1, TILE_TOKENS // W)
+    rows = H if sym else max(1, TILE_TOKENS // W)
     # (the fused merge calls a CPU kernel directly: not in an exported graph, which exporters re-trace with
     # gradients and which runs elsewhere; ONNX export failed on it)
     fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
@@ -57,8 +60,8 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     if window_weights is not None:          # out-of-map slots gather a clamped key: their weight must be 0
         window_weights = window_weights * valid.to(window_weights.dtype)
     outs = []
-    for r0 in range(0, H, rows):
-        r1 = min(H, r0 + rows)
+    for r0 in ([0] if sym else range(0, H, rows)):
+        r1 = H if sym else min(H, r0 + rows)
         qt = q[:, :, r0:r1]                                                 # (B, h, t, W, D)
         it = idx[r0:r1]
         s = _SlotDot.apply(kf[:, :, it], qt).to(ct) * scale                # (B, h, t, W, k*k)
