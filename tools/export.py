@@ -39,23 +39,18 @@ from mixzoo.ops import forcing  # noqa: E402
 FORMATS = ('onnx', 'exported-program')
 MAX_SIDE = 4096
 
-# Families whose dynamic-size export is refused, with the reason (measured with torch 2.14.1). Their maps are
-# padded stage by stage (to the window, block, region or kernel), and torch.export's shape reasoning turns the
-# pad amounts into guards on the input size ("pad == 0" at the traced size: H % 16 == 0 for DaViT at 224) or into
-# nested floor divisions its solver cannot decide (sympy: "cannot be solved using solve_univariate_inequality");
-# the graph would be for the traced size class only. Static export works for all of them (tests: onnxruntime
-# equals PyTorch at 224 and 200x232). PoolFormer, SHViT, DaViT, L2ViT, MaxViT, NAT and DiNAT export with symbolic H
-# and W (their pads: ops.window.pad_to_multiple / crop, layers.pad_same and the neighborhood mixer's pad take a
-# branch-free path under symbolic sizes; the neighborhood op its gathered path).
-_PADDED = ('its stages pad the map to a multiple of the {} from the size; torch.export turns the pad amounts into '
-           'guards on the input size (specialised to the traced size class) or expressions its solver cannot '
-           'decide')
+# Families whose dynamic-size export is refused, with the reason (measured with torch 2.14.1); static export works for
+# them (tests: onnxruntime equals PyTorch at 224 and 200x232). Every other family exports with symbolic H and W:
+# torch.export turns a size computed in Python into a guard on the input size (a pad of 0 or not, a window count of
+# 1 or not, a chunk count), so the zoo's pads and crops (ops.window.pad_to_multiple / crop, layers.pad_same, the
+# neighborhood mixer's span pad), window reshapes and op tilings take branch-free paths under symbolic sizes.
 DYNAMIC_UNSUPPORTED: Dict[str, str] = {
-    'halonet': _PADDED.format('halo block') + ' (AssertionError: Cannot create Dim with inconsistent min=1, max=1)',
+    'halonet': 'the halo op lays out its query blocks and key spans from the map size in Python (ops/halo: '
+               '_query_blocks, _spans), which torch.export specialises to the traced size (a guard on the number '
+               'of blocks; "Cannot create Dim with inconsistent min=1, max=1")',
     'transnext': "its position-bias table holds the distinct (query, pooled key) offsets of the map size, a count "
-                 "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache)",
-    'biformer': _PADDED.format('region grid (7x7 regions a stage)') + '; the dynamic trace did not finish in 400 s '
-                'on 2 cores',
+                 "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache, "
+                 "'unhashable type: non-nested SymInt')",
 }
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.routing import bilevel_routing_attention, from_regions, to_regions
-from ..ops.window import padded_size, window_attention
+from ..ops.window import crop, padded_size, window_attention
 
 from .base import OpMixer
 
@@ -69,7 +69,7 @@ class BiLevelRoutingAttention(OpMixer):
             Hp, Wp = padded_size((H, W), (n, n))
             vmap = from_regions(v, n, (Hp, Wp)).permute(0, 3, 1, 2)
             lepe = self.lepe(vmap).permute(0, 2, 3, 1)
-            o = o + (lepe[:, :H, :W] if (Hp, Wp) != (H, W) else lepe)
+            o = o + crop(lepe, (H, W))
         return self.proj(o)
 
 

@@ -37,7 +37,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._dispatch import Call, register_op, select, tracing, triton_kernels
-from ..window.partition import pad_map, padded_size, partition, unpartition
+from ..window.partition import crop, pad_map, padded_size, partition, unpartition
 from . import eager, reference
 
 __all__ = ['routing_topk', 'routed_attention', 'bilevel_routing_attention', 'to_regions', 'from_regions',
@@ -77,7 +77,7 @@ def to_regions(x: torch.Tensor, n_win: Grid) -> torch.Tensor:
         raise ValueError(f'to_regions: x must be a (B, H, W, C) map, got shape {tuple(x.shape)}')
     win = region_size(tuple(x.shape[1:3]), n_win)
     xp = pad_map(x, _grid(n_win))
-    return partition(xp, win, 'block').unflatten(0, (x.shape[0], -1))
+    return partition(xp, win, 'block', grid=_grid(n_win)).unflatten(0, (x.shape[0], -1))
 
 
 def from_regions(regions: torch.Tensor, n_win: Grid, hw: Tuple[int, int]) -> torch.Tensor:
@@ -88,7 +88,7 @@ def from_regions(regions: torch.Tensor, n_win: Grid, hw: Tuple[int, int]) -> tor
         raise ValueError(f'from_regions: expected (B, {g[0] * g[1]}, {win[0] * win[1]}, C) for a {hw[0]}x{hw[1]} map '
                          f'on a {g[0]}x{g[1]} grid, got {tuple(regions.shape)}')
     x = unpartition(regions.flatten(0, 1), win, (win[0] * g[0], win[1] * g[1]), 'block')
-    return x if tuple(x.shape[1:3]) == tuple(hw) else x[:, :hw[0], :hw[1]]
+    return crop(x, hw)
 
 
 # ---- routing --------------------------------------------------------------------------------------

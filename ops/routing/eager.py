@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._dispatch import symbolic
+
 _aten = torch.ops.aten
 _GATHER_BUDGET = 1 << 23       # elements of gathered K + V per block (32 MB in fp32)
 _LOGITS_BUDGET = 1 << 22       # logits elements per block on the matmul path (16 MB in fp32)
@@ -39,6 +41,8 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 def _blocks(q, k, v, idx, flash: bool) -> List[Tuple[int, slice]]:
     """(image, query-region slice) blocks: gathered K/V (and on the matmul path the logits) under budget."""
     B, h, R, T, D = q.shape
+    if symbolic(T, k.shape[3]):       # (exported for any size: one block an image; a budget split would be a guard)
+        return [(b, slice(0, R)) for b in range(B)]
     L = idx.shape[-1] * k.shape[3]
     n = _GATHER_BUDGET // (h * L * (D + v.shape[-1]))
     if not flash:

@@ -85,12 +85,16 @@ def _split(Hp: int, Wp: int, window: Size, mode: str):
     raise ValueError(f"partition mode must be 'block' or 'grid', got {mode!r}")
 
 
-def partition(x: torch.Tensor, window: Size, mode: str = 'block') -> torch.Tensor:
-    """(B, Hp, Wp, C) with Hp, Wp multiples of ``window`` -> (B * nWindows, wh * ww, C)."""
+def partition(x: torch.Tensor, window: Size, mode: str = 'block', grid: Optional[Size] = None) -> torch.Tensor:
+    """(B, Hp, Wp, C) with Hp, Wp multiples of ``window`` -> (B * nWindows, wh * ww, C). ``grid``: the window
+    counts (nh, nw) where they are what is fixed (BiFormer's regions): under symbolic sizes Hp // (Hp // nh) is
+    not known to be nh, and the reshape would guard on it."""
     B, Hp, Wp, C = x.shape
-    if Hp % window[0] or Wp % window[1]:
+    if not symbolic(Hp, Wp) and (Hp % window[0] or Wp % window[1]):
         raise ValueError(f'map {Hp}x{Wp} is not a multiple of window {window[0]}x{window[1]}; pad_map first')
     dims, perm = _split(Hp, Wp, window, mode)
+    if grid is not None:
+        dims = tuple(grid[i // 2] if (i % 2 == 0) == (mode == 'block') else dims[i] for i in range(4))
     x = x.reshape(B, dims[0], dims[1], dims[2], dims[3], C).permute(*perm, 5)
     return _flatten(x, (-1, window[0] * window[1], C))
 
