@@ -35,7 +35,7 @@ a CUDA run), replacing that section and keeping every other machine's; a --quick
 machine's separate "quick look" section. A run of chosen models or settings writes nothing unless
 --page PATH is given (then into the machine's "custom run" section); --no-page writes nothing. With
 matplotlib installed (`pip install "mixzoo[plots]"`) a run that writes the page also draws its plots
-(tools/benchplots.py) into docs/bench/ beside the page and links them from its section.
+(tools/benchplots.py) into tools/plots/ and links them from its section.
 """
 import argparse
 import csv
@@ -107,7 +107,7 @@ def forced_backend(spec):
             os.environ['MIXZOO_BACKEND'] = old
 
 
-PLOTS_DIR = 'docs/bench'                  # the plots' folder, beside the page
+PLOTS_DIR = 'tools/plots'                 # the plots' folder (the top level is fixed: DESIGN.md), linked from the page
 MEMORY_SIDES = (224, 384, 512, 768, 1024)   # the full run's peak-memory sweep (input sides)
 GEMM_N = 2048                              # the GEMM rate's matmul: GEMM_N^3 multiply-adds
 # the CPU flags that make a half-precision GEMM native (without them torch converts to fp32 inside the kernel,
