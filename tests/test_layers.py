@@ -114,3 +114,16 @@ def test_pad_same_equals_timms_and_exports_any_size(k, s):
         x = torch.randn(1, 2, *hw)
         assert torch.equal(Pad()(x), timm_pad_same(x, (k, k), (s, s)))
         assert torch.equal(ep.module()(x), timm_pad_same(x, (k, k), (s, s))), hw
+
+
+@pytest.mark.parametrize('k', [3, 5])
+def test_box_sum_values_and_gradient(k):
+    """PoolFormer's window sum: avg_pool2d's sum with zero padding, and its hand-written gradient (the box sum
+    of the gradient: the operator is its own adjoint) passes gradcheck in float64."""
+    from mixzoo.mixers.pooling import box_sum
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64, requires_grad=True)
+    ref = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=True) * k * k
+    torch.testing.assert_close(box_sum(x, k), ref)
+    assert torch.autograd.gradcheck(lambda t: box_sum(t, k), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(box_sum(x, k), ref)
