@@ -48,9 +48,6 @@ DYNAMIC_UNSUPPORTED: Dict[str, str] = {
     'halonet': 'the halo op lays out its query blocks and key spans from the map size in Python (ops/halo: '
                '_query_blocks, _spans), which torch.export specialises to the traced size (a guard on the number '
                'of blocks; "Cannot create Dim with inconsistent min=1, max=1")',
-    'transnext': "its position-bias table holds the distinct (query, pooled key) offsets of the map size, a count "
-                 "computed from the size in Python (measured: the trace stops at a SymInt in the table's cache, "
-                 "'unhashable type: non-nested SymInt')",
 }
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import neighborhood_attention
+from ..ops._dispatch import symbolic
 from ..ops.neighborhood import GridBias
 from ..ops.neighborhood.geometry import windows as window_geometry
 
@@ -52,19 +53,53 @@ def _axis_pairs(n: int, p: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     return tuple(distinct), tuple(pos[m] for m in twice)
 
 
+def _bins(n, p, device):
+    """adaptive pooling's bins of n positions into p: (start (p,), end (p,)) as tensors."""
+    i = torch.arange(p, device=device)
+    return torch.div(i * n, p, rounding_mode='floor'), -torch.div(-(i + 1) * n, p, rounding_mode='floor')
+
+
+def _axis_pairs_symbolic(n, p, device):
+    """:func:`_axis_pairs` for a symbolic size (torch.export with dynamic H, W): the count of distinct values is
+    not a closed form (nor a length torch.export can prove >= 0 when written from the bins), so the table holds
+    every integer in [-(2n - 2), 2n - 2], where all offsets lie (a superset: the same bias for every pair; the
+    MLP runs on ~4x the rows of the distinct ones, the price of one graph for every size).
+    -> (values (4n - 3,) int64, index (n, p) into them)."""
+    s, e = _bins(n, p, device)
+    twice = 2 * torch.arange(n, device=device)[:, None] - (s + e - 1)[None, :]          # (n, p)
+    return torch.arange(4 * n - 3, device=device) - (2 * n - 2), twice + (2 * n - 2)
+
+
 def _cpb_inputs(H: int, W: int, ph: int, pw: int, pre_h: int, pre_w: int, device):
     """The position-bias MLP's inputs, factored by axis: a (query, pooled key) pair's relative coordinate
     is (dh[qh, kh], dw[qw, kw]), so the distinct pairs are the grid of the distinct dh and dw values (the
     official code takes torch.unique of all pairs: the same rows in another order, computed with the same
-    float32 ops). -> (coordinates (Uh * Uw, 2), index_h (H, ph), index_w (W, pw), Uw)."""
+    float32 ops). -> (coordinates (Uh * Uw, 2), index_h (H, ph), index_w (W, pw), (Uh, Uw))."""
     def axis(n, p, pre):
+        if symbolic(n, p):
+            twice, index = _axis_pairs_symbolic(n, p, device)
+            return twice.float() / 2 / (pre - 1) * 8, index
         twice, index = _axis_pairs(n, p)
         d = torch.tensor(twice, dtype=torch.float32, device=device) / 2 / (pre - 1) * 8
         return d, torch.tensor(index, device=device).view(n, p)
     dh, ih = axis(H, ph, pre_h)
     dw, iw = axis(W, pw, pre_w)
     grid = torch.stack(torch.meshgrid(dh, dw, indexing='ij'), -1).reshape(-1, 2)
-    return grid, ih, iw, len(dw)
+    return grid, ih, iw, (dh.shape[0], dw.shape[0])
+
+
+def _adaptive_avg_pool(x: torch.Tensor, out) -> torch.Tensor:
+    """F.adaptive_avg_pool2d; under symbolic sizes as two averaging matrices over its bins (ONNX has no adaptive
+    pooling of a size-dependent output, and the exporter specialises it)."""
+    if not symbolic(*x.shape[-2:], *out):
+        return F.adaptive_avg_pool2d(x, out)
+
+    def mean_matrix(n, p):
+        s, e = _bins(n, p, x.device)
+        q = torch.arange(n, device=x.device)
+        inside = (q[None, :] >= s[:, None]) & (q[None, :] < e[:, None])                     # (p, n)
+        return inside.to(x.dtype) / (e - s)[:, None].to(x.dtype)
+    return mean_matrix(x.shape[-2], out[0]) @ x @ mean_matrix(x.shape[-1], out[1]).t()
 
 
 def _log_spaced(d: torch.Tensor) -> torch.Tensor:
@@ -95,12 +130,13 @@ class _CosineQueryMixin(nn.Module):
         """The continuous position bias of every query for every pooled key, (1, heads, H, W, ph * pw), by
         factors: the MLP runs on the distinct coordinates only, and the op expands a query tile at a time
         (in full it is the largest tensor of the model at large inputs: 805 MB at TransNeXt-T stage 1, 1024)."""
-        table, ih, iw, uw = _cpb_inputs(H, W, ph, pw, *self.pretrain_hw, x.device)
+        table, ih, iw, (uh, uw) = _cpb_inputs(H, W, ph, pw, *self.pretrain_hw, x.device)
         coords = _log_spaced(table).to(x.dtype)      # (log spacing in float32, as the official buffer)
         # the MLP a block of coordinates at a time: its 512-wide hidden layer over every distinct coordinate
         # would be the largest tensor of an inference (254016 x 512 floats = 496 MB at stage 1 for 1024x1024)
-        bias = torch.cat([self.cpb_fc2(self.cpb_act(self.cpb_fc1(c))) for c in coords.split(_CPB_ROWS)])
-        return GridBias(bias.t().reshape(self.num_heads, -1, uw), ih, iw)
+        blocks = [coords] if symbolic(*coords.shape) else coords.split(_CPB_ROWS)   # (a block count: a guard)
+        bias = torch.cat([self.cpb_fc2(self.cpb_act(self.cpb_fc1(c))) for c in blocks])
+        return GridBias(bias.t().reshape(self.num_heads, uh, uw), ih, iw)
 
 
 class AggregatedAttention(_CosineQueryMixin, OpMixer):
@@ -139,7 +175,7 @@ class AggregatedAttention(_CosineQueryMixin, OpMixer):
         k_loc = F.normalize(kv[:, :, :, 0], dim=-1).permute(0, 3, 1, 2, 4)
         v_loc = kv[:, :, :, 1].permute(0, 3, 1, 2, 4)
         ph, pw = max(1, H // self.sr_ratio), max(1, W // self.sr_ratio)
-        pooled = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), (ph, pw))
+        pooled = _adaptive_avg_pool(self.act(self.sr(x.permute(0, 3, 1, 2))), (ph, pw))
         pooled = self.norm(pooled.flatten(2).transpose(1, 2))                                  # (B, P, C)
         kvp = self.kv(pooled).view(B, ph * pw, 2, h, D)
         k_pool = F.normalize(kvp[:, :, 0], dim=-1).transpose(1, 2)                              # (B, h, P, D)
@@ -177,7 +213,10 @@ class GlobalAttention(_CosineQueryMixin):
         h, D, N = self.num_heads, self.head_dim, H * W
         qkv = self.qkv(x).view(B, N, 3, h, D).permute(2, 0, 3, 1, 4)                            # (3, B, h, N, D)
         qn = F.normalize(qkv[0], dim=-1).view(B, h, H, W, D)
-        scale = torch.full((H, W), math.log(N), device=x.device)      # (float64 log, as the official buffer)
+        if symbolic(N):     # (math.log would guard on N)
+            scale = torch.full((H, W), N, dtype=torch.float64, device=x.device).log().float()
+        else:
+            scale = torch.full((H, W), math.log(N), device=x.device)      # (float64 log, as the official buffer)
         dt = qkv.dtype
         q = self._scaled_query(qn, scale).view(B, h, N, D).to(dt)
         bias = self._position_bias(H, W, H, W, x).materialize().view(1, h, N, N)
