@@ -20,9 +20,6 @@ from test_robustness import _shallow_model
 for _pkg in ('onnx', 'onnxscript', 'onnxruntime'):
     pytest.importorskip(_pkg, reason=f'{MISSING_DEP}: {_pkg} (pip install "mixzoo[deploy]")')
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
 import export as export_tool  # noqa: E402
 
@@ -45,12 +42,6 @@ def test_every_family_is_covered():
     assert set(FIRST) == set(families())
 
 
-def _session(path):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
-
-
 def _report(line):
     folder = os.environ.get('MIXZOO_TEST_REPORTS')     # (printed at the end of the run by conftest)
     if folder:
@@ -66,7 +57,7 @@ def _onnx(model, name, path, dynamic, size):
     secs = time.perf_counter() - t
     _report(f'{name} (two blocks a stage): {"dynamic" if dynamic else "static " + "x".join(map(str, size))} '
             f'export {secs:.1f} s')
-    return _session(path)
+    return export_tool.ort_session(path)
 
 
 def _check(sess, m, name, hw, g):

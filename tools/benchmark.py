@@ -57,7 +57,7 @@ import timm  # noqa: E402
 
 from _zoo import mixzoo  # noqa: E402  (tools/ is on sys.path: this script's folder)
 from mixzoo._counting import gmacs, param_count  # noqa: E402
-from machine import describe, machine_key  # noqa: E402  (tools/ is on sys.path: this script's folder)
+from machine import cpu_flags, describe, machine_key  # noqa: E402  (tools/ is on sys.path: this script's folder)
 import benchpage  # noqa: E402
 import benchplots  # noqa: E402
 import official_bench  # noqa: E402
@@ -114,14 +114,6 @@ GEMM_N = 2048                              # the GEMM rate's matmul: GEMM_N^3 mu
 # and a share of a rate the CPU has no instructions for would measure the conversion)
 NATIVE = {'bfloat16': ('amx_bf16', 'avx512_bf16'), 'float16': ('amx_fp16', 'avx512_fp16')}
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
-
-
-def cpu_flags() -> set:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((set(ln.split(':', 1)[1].split()) for ln in f if ln.startswith('flags')), set())
-    except OSError:
-        return set()
 
 
 def native_gemm(dtype: str, device: str):

@@ -96,9 +96,7 @@ def export_program(model: torch.nn.Module, dynamic: bool = False, size: Optional
     """The model traced by torch.export (non-strict, eval, no_grad, plain-torch ops). ``dynamic``: symbolic
     H, W (an :class:`ExportError` naming the family and the reason where it cannot be)."""
     family = _family(model, name)
-    if size is None:
-        s = MODELS[name].img_size if name in MODELS else 224
-        size = (s, s)
+    size = size or default_size(name)
     x = torch.randn(batch, model.in_chans, *size)
     shapes = None
     if dynamic:
@@ -129,6 +127,23 @@ def export_program(model: torch.nn.Module, dynamic: bool = False, size: Optional
                               f'the input size ({why[:400]}). Export a static size instead (drop --dynamic; '
                               '--size H W picks it)') from e
         raise
+
+
+def default_size(name: Optional[str]) -> Tuple[int, int]:
+    """The example / static size when none is given: the variant's img_size (224 for a model not registered)."""
+    s = MODELS[name].img_size if name in MODELS else 224
+    return s, s
+
+
+def ort_session(path: str):
+    """An onnxruntime CPU session on ``path`` with torch's thread count (so that latencies compare)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(f'running the ONNX file needs onnxruntime ({e}): pip install "mixzoo[deploy]"') from e
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
 
 
 def _onnx_deps():
@@ -170,13 +185,7 @@ def verify(model: torch.nn.Module, out: str, size: Sequence[int], batch: int = 1
     """onnxruntime on ``out`` beside the PyTorch model (eval, its default backends) on one random batch of the
     given size: max |ort - torch| / max |torch|, and each one's latency (best of ``reps``, ms) at the torch
     thread count."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ExportError(f'--verify needs onnxruntime ({e}): pip install "mixzoo[deploy]"') from e
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(out, so, providers=['CPUExecutionProvider'])
+    sess = ort_session(out)
     x = torch.randn(batch, model.in_chans, *size)
     feed = {sess.get_inputs()[0].name: x.numpy()}
 
@@ -213,7 +222,7 @@ def main(argv=None) -> int:
         model, secs = export(a.model, a.out, a.format, a.dynamic, a.checkpoint, a.opset, a.size, a.batch)
         print(f'{a.model}: {a.format} {"dynamic" if a.dynamic else "static"} -> {a.out} ({secs:.1f} s)')
         if a.verify and a.format == 'onnx':
-            size = a.size or (MODELS[a.model].img_size,) * 2
+            size = a.size or default_size(a.model)
             r = verify(model, a.out, size, a.batch)
             print(f'{a.model} at {size[0]}x{size[1]}, batch {a.batch}, {torch.get_num_threads()} threads: '
                   f'max |onnxruntime - torch| / max |torch| = {r["rel_diff"]:.2e}; latency torch {r["torch_ms"]:.1f} '

@@ -37,6 +37,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or 'unknown CPU'
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags ('avx512_bf16', 'amx_bf16', ...; Linux /proc/cpuinfo, empty elsewhere)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((set(ln.split(':', 1)[1].split()) for ln in f if ln.startswith('flags')), set())
+    except OSError:
+        return set()
+
+
 def allocator() -> str:
     """The malloc behind torch's CPU tensors: a preloaded jemalloc / tcmalloc / mimalloc (LD_PRELOAD or mapped
     into this process) or glibc's, with whatever environment variables tune it."""

@@ -14,12 +14,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import neighborhood_attention
-from ..ops._dispatch import symbolic
-from ..ops.window import crop
+from ..ops.window import crop, pad_end_to
 
 from .base import OpMixer
 
@@ -53,13 +51,6 @@ class NeighborhoodAttention(OpMixer):
 
     def _pad_to_span(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad a map smaller than the kernel's span (kernel x dilation) at the bottom / right up to it (the
-        padded tokens are keys of the border queries, as in NATTEN's NAT). Under symbolic sizes the largest pad
-        (static) and the first max(size, span) rows by an index: whether a size needs padding is not a guard."""
-        H, W = x.shape[1:3]
+        padded tokens are keys of the border queries, as in NATTEN's NAT)."""
         span = self.kernel_size * self.dilation
-        if not symbolic(H, W):
-            return F.pad(x, (0, 0, 0, max(0, span - W), 0, max(0, span - H)))
-        x = F.pad(x, (0, 0, 0, span - 1, 0, span - 1))
-        for axis, n in ((1, H), (2, W)):
-            x = x.index_select(axis, torch.arange(torch.sym_max(n, span), device=x.device))
-        return x
+        return pad_end_to(x, [torch.sym_max(n, span) for n in x.shape[1:3]], (1, 2), (span - 1, span - 1))

@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from ..ops._dispatch import symbolic
+
 
 def box_sum(x: torch.Tensor, k: int) -> torch.Tensor:
     """Sum over a k x k window (k odd, zero padding) as separable shifted adds: on CPU several
@@ -50,7 +52,7 @@ class Pooling(nn.Module):
 
     def _inv_count(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
-        static = all(type(n) is int for n in key[:2])   # (symbolic in a dynamic-size export: in the graph, uncached)
+        static = not symbolic(*key[:2])     # (symbolic in a dynamic-size export: in the graph, uncached)
         inv = self._count.get(key) if static else None
         if inv is None:
             # (outside inference mode: a cached inference tensor would fail every later training step, "Inference

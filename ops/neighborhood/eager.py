@@ -49,7 +49,6 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         add = add + G.rel_bias(rpb, rr, rc).to(ct)                    # (h, H, W, k*k)
     kf, vf = k.reshape(B, h, H * W, D), v.reshape(B, h, H * W, Dv)
     ekt = extra_k.transpose(-1, -2) if extra_k is not None else None
-    rows = H if sym else max(1, TILE_TOKENS // W)
     # (the fused merge calls a CPU kernel directly: not in an exported graph, which exporters re-trace with
     # gradients and which runs elsewhere; ONNX export failed on it)
     fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
@@ -59,9 +58,13 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
                                                                 window_weights))))
     if window_weights is not None:          # out-of-map slots gather a clamped key: their weight must be 0
         window_weights = window_weights * valid.to(window_weights.dtype)
+    if sym:     # (the whole map one tile: a tile count would be a guard on the size)
+        spans = [(0, H)]
+    else:
+        rows = max(1, TILE_TOKENS // W)
+        spans = [(r0, min(H, r0 + rows)) for r0 in range(0, H, rows)]
     outs = []
-    for r0 in ([0] if sym else range(0, H, rows)):
-        r1 = H if sym else min(H, r0 + rows)
+    for r0, r1 in spans:
         qt = q[:, :, r0:r1]                                                 # (B, h, t, W, D)
         it = idx[r0:r1]
         s = _SlotDot.apply(kf[:, :, it], qt).to(ct) * scale                # (B, h, t, W, k*k)

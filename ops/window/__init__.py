@@ -19,11 +19,11 @@ import torch
 
 from .._dispatch import Call, register_op, select, triton_kernels
 from . import eager, reference
-from .partition import (crop, pad_map, pad_to_multiple, padded_size, padding_key_mask, partition,
+from .partition import (crop, pad_end_to, pad_map, pad_to_multiple, padded_size, padding_key_mask, partition,
                         relative_position_index, unpartition)
 
-__all__ = ['window_attention', 'partition', 'unpartition', 'pad_map', 'pad_to_multiple', 'crop', 'padded_size',
-           'padding_key_mask', 'relative_position_index']
+__all__ = ['window_attention', 'partition', 'unpartition', 'pad_map', 'pad_to_multiple', 'pad_end_to', 'crop',
+           'padded_size', 'padding_key_mask', 'relative_position_index']
 
 OP = 'window'
 register_op(OP, triton=triton_kernels(__name__, 'window_attention', validated=True, head_dims=(1, 256),

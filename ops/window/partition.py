@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .._dispatch import symbolic
 
-__all__ = ['padded_size', 'pad_map', 'pad_to_multiple', 'crop', 'partition', 'unpartition', 'padding_key_mask', 'relative_position_index']
+__all__ = ['padded_size', 'pad_map', 'pad_to_multiple', 'pad_end_to', 'crop', 'partition', 'unpartition',
+           'padding_key_mask', 'relative_position_index']
 
 Size = Tuple[int, int]
 
@@ -30,22 +31,28 @@ def _padded(n, m):
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: Size, dims: Size = (1, 2)) -> torch.Tensor:
-    """Zero-pad the two ``dims`` of ``x`` at the end to a multiple of ``multiple``.
+    """Zero-pad the two ``dims`` of ``x`` at the end to a multiple of ``multiple`` (at most ``m - 1`` each)."""
+    return pad_end_to(x, [_padded(x.shape[d], m) for d, m in zip(dims, multiple)], dims, [m - 1 for m in multiple])
+
+
+def pad_end_to(x: torch.Tensor, sizes: Size, dims: Size, max_pads: Size) -> torch.Tensor:
+    """Zero-pad the two ``dims`` of ``x`` at the end up to ``sizes``, which exceed the current sizes by at most
+    ``max_pads`` (static ints).
 
     With symbolic sizes (torch.export with dynamic H, W) the pad amount is not taken from the size: a pad
-    computed as ``-size % m`` becomes a guard on the size (zero or not at the traced size) and the
-    padded size an expression torch's solver cannot relate to ``size`` (the crop back guards too). The map
-    is padded by the largest amount, ``m - 1`` (static), and the first ``ceil(size / m) * m`` rows kept by
-    an index (no bound to prove): the same values, a graph for every size."""
-    sizes = [x.shape[d] for d in dims]
-    if symbolic(*sizes):
-        for d, n, m in zip(dims, sizes, multiple):
-            if m > 1:
-                x = _pad_end(x, (d,), (m - 1,)).index_select(d, torch.arange(_padded(n, m), device=x.device))
+    computed from it becomes a guard on the size (zero or not at the traced size) and the padded size an
+    expression torch's solver cannot relate to the size (the crop back guards too). The map is padded by the
+    largest amount (static) and the first ``sizes`` rows kept by an index (no bound to prove): the same values,
+    a graph for every size."""
+    current = [x.shape[d] for d in dims]
+    if symbolic(*current):
+        for d, n, m in zip(dims, sizes, max_pads):
+            if m > 0:
+                x = _pad_end(x, (d,), (m,)).index_select(d, torch.arange(n, device=x.device))
         return x
-    if all(n % m == 0 for n, m in zip(sizes, multiple)):
+    if list(sizes) == current:
         return x
-    return _pad_end(x, dims, [-n % m for n, m in zip(sizes, multiple)])
+    return _pad_end(x, dims, [n - c for n, c in zip(sizes, current)])
 
 
 def _pad_end(x: torch.Tensor, dims, amounts) -> torch.Tensor:
