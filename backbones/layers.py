@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, trunc_normal_
+from timm.layers import ConvNormAct, Mlp, trunc_normal_
+from timm.layers.activations import GELU, GELUTanh
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same as _timm_pad_same
 
@@ -56,12 +57,35 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _post_op(act: nn.Module):
+    """The oneDNN post-op name of an MLP activation module, or None when it has none."""
+    if isinstance(act, nn.GELU):
+        return 'gelu_tanh' if act.approximate == 'tanh' else 'gelu'
+    return {GELU: 'gelu', GELUTanh: 'gelu_tanh', nn.ReLU: 'relu'}.get(type(act))
+
+
+class FusedMlp(Mlp):
+    """timm's Mlp (same modules and state dict) whose hidden activation runs as the oneDNN GEMM's post-op
+    where ``ops._onednn.linear`` takes that route (fp32 CPU inference); elsewhere, or when a hook watches
+    fc1 or the activation, exactly timm's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = _post_op(self.act)
+        if act is None or any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act)):
+            return super().forward(x)
+        x = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, act))
+        return self.drop2(self.fc2(self.norm(x)))
+
+
 def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of ``model`` (timm's Mlp and heads included) a ``Linear``: a class
-    switch, parameters and hooks untouched. Done by the builder for every zoo model."""
+    """Make every plain nn.Linear of ``model`` (timm's Mlp and heads included) a ``Linear``, and every
+    timm Mlp on linears with a GELU / ReLU a ``FusedMlp``: class switches, parameters and hooks untouched.
+    Done by the builder for every zoo model."""
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
+        elif type(m) is Mlp and isinstance(m.fc1, nn.Linear) and _post_op(m.act) is not None:
+            m.__class__ = FusedMlp
     return model
 
 

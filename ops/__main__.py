@@ -1,12 +1,24 @@
-"""``python -m mixzoo.ops info``: every op x backend, what it supports, and whether it can run here; and the state of
-the oneDNN linear route (``ops._onednn``), the second switch of what a model runs. ``info --gpu-compile``: every
+"""``python -m mixzoo.ops info``: every op x backend, what it supports, and whether it can run here; the CPU-specific
+choices measured on this CPU (``ops._cpu``; ``--retune`` measures them again) and the state of the oneDNN linear
+route (``ops._onednn``), the second switch of what a model runs. ``info --gpu-compile``: every
 Triton kernel compiled ahead of time for sm_80 and sm_90 (``ops._aot``), a table per kernel."""
 import argparse
 import sys
 
 import torch
 
-from . import _dispatch, _onednn
+from . import _cpu, _dispatch, _onednn
+
+
+def cpu_choices(out=None) -> None:
+    """Each CPU-specific choice: the option taken on this CPU, and why (measured timings, cache, or forced)."""
+    out = out or sys.stdout
+    print(f'CPU choices for {_cpu.signature()} ({_cpu.ENV}=<choice>:<option> forces one):', file=out)
+    for name, c in sorted(_cpu.choices().items()):
+        d = _cpu.decision(name)
+        times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
+        print(f'  {name:8s} -> {d["option"]:7s} {d["source"]}{"; " + times if times else ""}', file=out)
+        print(f'  {"":8s}    {c.doc} (options: {", ".join(c.options)})', file=out)
 
 
 def info(out=None) -> None:
@@ -17,6 +29,7 @@ def info(out=None) -> None:
     print(f'torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}; '
           f'TRITON_INTERPRET={int(_dispatch.triton_interpret())}; '
           f'MIXZOO_BACKEND={__import__("os").environ.get("MIXZOO_BACKEND", "") or "(unset)"}', file=out)
+    cpu_choices(out)
     print(f'oneDNN linear (mixzoo.ops._onednn.linear): {_onednn.state()[1]}', file=out)
     for op in _dispatch.ops():
         print(f'\n[{op}]  priority: {" > ".join(b.name for b in _dispatch.backends(op))}', file=out)
@@ -63,9 +76,12 @@ def main(argv=None) -> int:
     p.add_argument('--ptxas', default='all', help="with --gpu-compile: the (dtype, arch) pairs compiled through ptxas "
                    "for registers / spills: 'all' (default), 'none', or e.g. bfloat16@sm_90,float16@sm_80")
     p.add_argument('--json', help='with --gpu-compile: write the rows here')
+    p.add_argument('--retune', action='store_true', help='measure the CPU-specific choices again (and cache them)')
     a = p.parse_args(argv)
     if a.gpu_compile:
         return gpu_compile(a.op, [] if a.ptxas == 'none' else a.ptxas.split(','), a.json)
+    if a.retune:
+        _cpu.retune()
     info()
     return 0
 

@@ -79,6 +79,8 @@ class Backend:
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Call], List[str]]] = None
     auto_devices: Optional[Tuple[str, ...]] = None
+    # reasons not to pick it automatically (it runs when forced), e.g. measured slower on this CPU
+    auto_check: Optional[Callable[[Call], List[str]]] = None
     doc: str = ''
     # (atol, rtol) against `reference` evaluated in float64, per input dtype (tests read these)
     tolerances: Dict[torch.dtype, Tuple[float, float]] = field(default_factory=lambda: dict(_DEFAULT_TOL))
@@ -113,6 +115,8 @@ class Backend:
                 out.append(f'{name} {v} > {hi}')
         if self.check is not None:
             out.extend(self.check(call))
+        if not forced and not out and self.auto_check is not None:
+            out.extend(self.auto_check(call))
         return out
 
     def describe(self) -> str:

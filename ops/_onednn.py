@@ -1,5 +1,5 @@
 """Dense layers on oneDNN for fp32 CPU tensors (used by the models' linear layers and the ops' small
-projections)."""
+projections), where this CPU measured them faster than torch's BLAS (``ops._cpu`` choice ``linear``)."""
 import os
 from contextlib import contextmanager
 from typing import Optional, Tuple
@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _cpu
 from ._dispatch import tracing
 
 ENV = 'MIXZOO_ONEDNN_LINEAR'
@@ -37,13 +38,22 @@ def _off_reason() -> Optional[str]:
     return None
 
 
+def _measured_slower() -> bool:
+    return _cpu.choice('linear') != 'onednn'
+
+
 def state() -> Tuple[bool, str]:
     """(on, why) of the oneDNN linear route, for ``python -m mixzoo.ops info``."""
     env = f'{ENV}={_ENV_VALUE}' if _ENV_VALUE is not None else f'{ENV} unset (default on)'
     why = _off_reason()
     if why:
         return False, f'off: {why}; {env}'
-    return True, (f'on: {env}; fp32 CPU inference linears (every zoo model\'s nn.Linear, via '
+    d = _cpu.decision('linear')
+    times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
+    measured = f'{d["source"]}{": " + times if times else ""}'
+    if d['option'] != 'onednn':
+        return False, f'off on this CPU: F.linear (BLAS) chosen ({measured}); {env}'
+    return True, (f'on on this CPU ({measured}): {env}; fp32 CPU inference linears (every zoo model\'s nn.Linear, via '
                   'mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
                   'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; autograd, GPU, other '
                   f'dtypes, autocast and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
@@ -62,28 +72,81 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
     if x.numel() <= max(20480, 64 * x.shape[-1]):
         return False   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
-    return _off_reason() is None and not _autocast_cpu()
+    return _off_reason() is None and not _autocast_cpu() and not _measured_slower()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+# activations oneDNN applies to the GEMM's output tile while it is in cache (a post-op): name -> (attr, algorithm)
+_POST_OPS = {'gelu': ('gelu', 'none'), 'gelu_tanh': ('gelu', 'tanh'), 'relu': ('relu', None)}
+_FUSED = getattr(getattr(torch.ops, 'mkldnn', None), '_convolution_pointwise', None)
+
+
+def activation(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    """The post-op ``act`` in torch (the path every unfused call takes)."""
+    if act is None:
+        return x
+    if act == 'relu':
+        return F.relu(x)
+    return F.gelu(x, approximate='tanh' if act == 'gelu_tanh' else 'none')
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           act: Optional[str] = None) -> torch.Tensor:
     """``F.linear``, computed for fp32 CPU inputs as a 1x1 convolution over the rows, so that it runs
     on oneDNN instead of the BLAS sgemm behind ``F.linear``.
 
     Why: torch's CPU wheels link MKL, whose sgemm takes a slow code path on AMD CPUs; oneDNN picks
-    AVX-512 there. Measured on this project's CI machine (2-core AMD EPYC with AVX-512), best of 20:
+    AVX-512 there. Whether it wins is measured on each CPU (``ops._cpu`` choice ``linear``: ``onednn`` or
+    ``blas``, timed on the zoo's MLP shapes; ``MIXZOO_CPU=linear:blas`` forces F.linear). Measured on this project's CI machine (2-core AMD EPYC with AVX-512), best of 20:
     (1568 x 384) @ (384 x 1536) 8.34 -> 3.98 ms, (25088 x 384) @ (384 x 96) 10.3 -> 4.4 ms; results equal
     to F.linear within 1.2e-6 relative. Inference only: with autograd the convolution's backward measured
     1.07-1.4x slower than F.linear's (TransNeXt-T shapes, e.g. (25088 x 72) @ (72 x 768) fwd+bwd 730 vs
     625 ms), and it was the largest item of a TransNeXt-T training step. Everything else (autograd, GPU,
     other dtypes, autocast, torch.compile / export / FX tracing) takes ``F.linear``. ``MIXZOO_ONEDNN_LINEAR=0``
-    turns it off."""
+    turns it off.
+
+    ``act`` ('gelu', 'gelu_tanh', 'relu' or None) is applied to the result: on the oneDNN route as the
+    convolution's post-op (no separate pass over the output, which for an MLP's hidden layer is the
+    block's largest map: DaViT-T's GELUs were 6.5% of its batch-8 forward), elsewhere in torch."""
+    if act is not None and act not in _POST_OPS:
+        raise ValueError(f'act={act!r}: expected one of {sorted(_POST_OPS)} or None')
     if not _onednn_linear_ok(x, weight):
-        return F.linear(x, weight, bias)
+        return activation(F.linear(x, weight, bias), act)
+    return _conv_linear(x, weight, bias, act)
+
+
+def _conv_linear(x, weight, bias=None, act=None):
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     if rows.stride(-1) != 1 or rows.stride(0) != K:
         rows = rows.contiguous()
     # (M, K) rows seen as a (1, K, M, 1) channels-last image: the conv's GEMM reads them in place and
     # writes a channels-last (1, N, M, 1) output, i.e. (M, N) rows again
-    y = F.conv2d(rows.view(1, -1, 1, K).permute(0, 3, 1, 2), weight[:, :, None, None], bias)
+    image, w = rows.view(1, -1, 1, K).permute(0, 3, 1, 2), weight[:, :, None, None]
+    if act is not None and _FUSED is not None:
+        attr, algorithm = _POST_OPS[act]
+        y = _FUSED(image, w, bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm)
+    else:
+        y = activation(F.conv2d(image, w, bias), act)
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+# the zoo's fp32 MLPs at batch 4 and 224^2 (stages 1-3 of a 4-stage model, ratio 4): rows, channels; each
+# timed as the route runs it (fc1 with its GELU, fc2)
+_MLPS = ((12544, 96), (3136, 192), (784, 384))
+
+
+def _measure() -> dict:
+    if _off_reason() is not None:
+        return {}
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(m, c, generator=g), torch.randn(4 * c, c, generator=g) / c ** .5, torch.zeros(4 * c),
+              torch.randn(c, 4 * c, generator=g) / (2 * c ** .5), torch.zeros(c)) for m, c in _MLPS]
+
+    def mlps(lin):
+        return lambda: [lin(lin(x, w1, b1, 'gelu'), w2, b2) for x, w1, b1, w2, b2 in cases]
+    return _cpu.interleaved({'onednn': mlps(_conv_linear),
+                             'blas': mlps(lambda x, w, b, act=None: activation(F.linear(x, w, b), act))})
+
+
+_cpu.register('linear', ('onednn', 'blas'), _measure,
+              'fp32 CPU inference linears: a oneDNN 1x1 convolution (mixzoo.ops._onednn.linear) or F.linear (BLAS)')

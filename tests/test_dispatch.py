@@ -174,8 +174,10 @@ def test_op_packages_share_one_shape():
 
 
 def test_ops_info_shows_the_onednn_linear_switch(capsys, monkeypatch):
-    from mixzoo.ops import _onednn
+    from mixzoo.ops import _cpu, _onednn
     from mixzoo.ops.__main__ import main
+    monkeypatch.setenv('MIXZOO_CPU', 'linear:onednn')   # whatever this CPU measured (tests/test_cpu_choices.py)
+    monkeypatch.setattr(_cpu, '_DECIDED', {})
     main(['info'])
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('oneDNN linear'))
     on, why = _onednn.state()

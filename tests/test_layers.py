@@ -4,6 +4,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import GELU, GELUTanh, Mlp
 
 import mixzoo  # noqa: F401  (registers the models)
 from mixzoo import layers
@@ -12,10 +13,43 @@ from mixzoo._registry import MODELS, families
 
 
 def _onednn_used(monkeypatch):
+    """Calls of the oneDNN route, with the route chosen for this test whatever this CPU measured (ops._cpu)."""
+    from mixzoo.ops import _cpu
+    monkeypatch.setenv('MIXZOO_CPU', 'linear:onednn')
+    monkeypatch.setattr(_cpu, '_DECIDED', {})
     calls = []
-    real = F.conv2d
+    real, fused = F.conv2d, _onednn._FUSED
     monkeypatch.setattr(_onednn.F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_onednn, "_FUSED", lambda *a: calls.append('fused') or fused(*a))
     return calls
+
+
+@pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), GELUTanh(), GELU(), nn.ReLU()])
+def test_fused_mlp_equals_timms_mlp(monkeypatch, act):
+    """The builder's FusedMlp: the hidden activation as the GEMM's post-op in inference, timm's Mlp otherwise."""
+    torch.manual_seed(0)
+    ref = Mlp(96, 384, act_layer=lambda: act).eval()
+    m = layers.use_onednn_linears(Mlp(96, 384, act_layer=lambda: act).eval())
+    m.load_state_dict(ref.state_dict())
+    assert type(m) is layers.FusedMlp and m.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 300, 96)
+    calls = _onednn_used(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert calls.count('fused') == 1 or _onednn._FUSED is None
+    calls.clear()
+    seen = []
+    m.act.register_forward_hook(lambda *a: seen.append(1))       # a hook on the activation: timm's forward
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert seen and 'fused' not in calls
+    x.requires_grad_()
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)   # autograd: F.linear, then the module
+
+
+def test_linear_rejects_an_unknown_activation():
+    with pytest.raises(ValueError, match="act='silu': expected one of"):
+        layers.linear(torch.randn(4, 8), torch.randn(8, 8), act='silu')
 
 
 @pytest.mark.parametrize('shape,bias', [((512, 96), True), ((2, 300, 64), False), ((3, 7, 11, 40), True),

@@ -5,7 +5,6 @@ allocator (fresh large CPU tensors page-fault under glibc's default malloc), so 
 import os
 import platform
 import re
-import subprocess
 from typing import List
 
 import torch
@@ -18,32 +17,16 @@ _ALLOCATOR_ENV = re.compile(r'^(MALLOC_CONF|_RJEM_MALLOC_CONF|JE_MALLOC_CONF|TCM
 
 
 def cpu_model() -> str:
-    """'AMD EPYC 7B13', 'Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz', ... (Linux: /proc/cpuinfo, else lscpu,
-    else what Python's platform module knows)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.lower().startswith(('model name', 'hardware', 'cpu model')):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith('Model name'):
-                return line.split(':', 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine() or 'unknown CPU'
+    """'AMD EPYC 7B13', 'Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz', ... (the reader the zoo's per-CPU choices
+    key on; imported here, not at the top: tools/official_bench.py imports the official code before the zoo)."""
+    from mixzoo.ops._cpu import cpu_model as model
+    return model()
 
 
 def cpu_flags() -> set:
     """The CPU's feature flags ('avx512_bf16', 'amx_bf16', ...; Linux /proc/cpuinfo, empty elsewhere)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((set(ln.split(':', 1)[1].split()) for ln in f if ln.startswith('flags')), set())
-    except OSError:
-        return set()
+    from mixzoo.ops._cpu import cpu_flags as flags
+    return flags()
 
 
 def allocator() -> str:

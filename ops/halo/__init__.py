@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .. import _cpu
 from .._dispatch import Call, register_op, select, triton_kernels
 from . import cpu, eager, reference
 from .geometry import BORDERS
@@ -27,11 +28,33 @@ from .geometry import BORDERS
 __all__ = ['halo_attention']
 
 OP = 'halo'
+
+
+def _measure() -> dict:
+    """The C kernel and the torch backend on halonet26t's stage-3 call at batch 2 (NHWC projections)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 16, 8, 32, generator=g).permute(0, 3, 4, 1, 2) for _ in range(3))
+    rel = [torch.randn(23, 32, generator=g) for _ in range(2)]
+    fns = {'torch': lambda: eager.halo_attention(q, k, v, 8, 2, *rel)}
+    if cpu.unavailable() is None:
+        fns['c'] = lambda: cpu.halo_attention(q, k, v, 8, 2, *rel)
+    return _cpu.interleaved(fns)
+
+
+_cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference halo attention: the C kernel (backend cpu) or '
+              'the torch backend')
+
+
+def _measured_slower(call: Call) -> list:
+    d = _cpu.decision(OP)
+    return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
+
+
 register_op(OP, triton=triton_kernels(__name__, 'halo_attention', validated=True, head_dims=(1, 128),
                                       limits={'window_area': 1024}, doc='fused forward + backward reading the '
                                       'halo window from the map (no unfolded K/V)'),
             cpu=dict(fn=cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
-                     available=cpu.unavailable),
+                     available=cpu.unavailable, auto_check=_measured_slower),
             torch=eager.halo_attention, reference=reference.halo_attention)
 
 

@@ -1,0 +1,94 @@
+"""CPU-specific choices (ops._cpu): measured per CPU, cached per CPU signature, forced by MIXZOO_CPU, followed by
+the oneDNN linear route and the halo op's dispatch, shown by ``python -m mixzoo.ops info``."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixzoo.ops import _cpu, _dispatch, _onednn
+from mixzoo.ops import halo as halo_op
+from mixzoo.ops.__main__ import main
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty decision cache (file and memo) and no MIXZOO_CPU."""
+    monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
+    monkeypatch.delenv('MIXZOO_CPU', raising=False)
+    monkeypatch.setattr(_cpu, '_DECIDED', {})
+    return tmp_path / 'cpu-choices.json'
+
+
+def test_measured_once_then_cached_per_signature(fresh, monkeypatch):
+    runs = []
+    monkeypatch.setitem(_cpu._CHOICES, 'toy', _cpu.Choice('toy', ('a', 'b'), lambda: runs.append(1) or
+                                                         {'a': 2e-3, 'b': 1e-3}, 'a toy choice'))
+    assert _cpu.choice('toy') == 'b' and _cpu.choice('toy') == 'b' and len(runs) == 1
+    entry = json.loads(fresh.read_text())[_cpu.signature()]['toy']
+    assert entry['option'] == 'b' and entry['ms'] == {'a': 2.0, 'b': 1.0} and entry['source'].startswith('measured')
+    monkeypatch.setattr(_cpu, '_DECIDED', {})                     # a new process: read from the file
+    d = _cpu.decision('toy')
+    assert d['option'] == 'b' and 'cached in' in d['source'] and len(runs) == 1
+    _cpu.decision('toy', retune=True)
+    assert len(runs) == 2
+    monkeypatch.setattr(_cpu, '_SIGNATURES', {torch.get_num_threads(): 'another CPU'})   # another CPU measures anew
+    assert _cpu.choice('toy') == 'b' and len(runs) == 3
+    assert len(json.loads(fresh.read_text())) == 2                 # one entry per CPU signature
+
+
+def test_forced_and_bad_values(fresh, monkeypatch):
+    monkeypatch.setenv('MIXZOO_CPU', 'linear:blas')
+    assert _cpu.decision('linear') == {'option': 'blas', 'source': 'forced by MIXZOO_CPU', 'ms': {}}
+    assert not fresh.exists()                                     # nothing measured, nothing written
+    monkeypatch.setattr(_cpu, '_DECIDED', {})
+    monkeypatch.setenv('MIXZOO_CPU', 'linear:mkl')
+    with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: halo: c\|torch; "
+                                         r"linear: onednn\|blas"):
+        _cpu.choice('linear')
+
+
+def test_every_choice_measures_its_options_here(fresh):
+    d = _cpu.decision('linear')
+    assert set(d['ms']) == ({'onednn', 'blas'} if torch.backends.mkldnn.is_available() else set())
+    assert d['option'] == min(d['ms'], key=d['ms'].get) and all(v > 0 for v in d['ms'].values())
+    d = _cpu.decision('halo')
+    assert set(d['ms']) == ({'c', 'torch'} if halo_op.cpu.unavailable() is None else {'torch'})
+    assert d['option'] == min(d['ms'], key=d['ms'].get)
+
+
+@pytest.mark.parametrize('option', ['onednn', 'blas'])
+def test_linear_route_follows_the_choice(fresh, monkeypatch, option):
+    monkeypatch.setenv('MIXZOO_CPU', f'linear:{option}')
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(_onednn.F, 'conv2d', lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w = torch.randn(700, 64), torch.randn(32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(_onednn.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert bool(calls) == (option == 'onednn' and torch.backends.mkldnn.is_available())
+    assert _onednn.state()[0] == bool(calls)
+
+
+@pytest.mark.parametrize('option', ['c', 'torch'])
+def test_halo_dispatch_follows_the_choice(fresh, monkeypatch, option):
+    if option == 'c' and halo_op.cpu.unavailable():
+        pytest.skip(f'the halo C kernel cannot be built here: {halo_op.cpu.unavailable()}')
+    monkeypatch.setenv('MIXZOO_CPU', f'halo:{option}')
+    call = _dispatch.Call('cpu', torch.float32, 32, False, (('window_area', 144),))
+    assert _dispatch.select('halo', call).name == {'c': 'cpu', 'torch': 'torch'}[option]
+    if option == 'torch':
+        assert _dispatch.select('halo', call, 'cpu').name == 'cpu'           # forcing still runs the C kernel
+        assert 'measured slower than the torch backend on this CPU' in ' '.join(
+            _dispatch.backends('halo')[1].reasons(call))
+
+
+def test_info_shows_every_choice(fresh, capsys, monkeypatch):
+    monkeypatch.setenv('MIXZOO_CPU', 'halo:torch')
+    main(['info'])
+    out = capsys.readouterr().out
+    assert f'CPU choices for {_cpu.signature()}' in out
+    assert '  halo     -> torch   forced by MIXZOO_CPU' in out
+    line = next(ln for ln in out.splitlines() if ln.startswith('  linear   -> '))
+    d = _cpu.decision('linear')
+    assert d['option'] in line and d['source'] in line and all(f'{k} {v} ms' in line for k, v in d['ms'].items())
