@@ -17,8 +17,8 @@ def cpu_choices(out=None) -> None:
     for name, c in sorted(_cpu.choices().items()):
         d = _cpu.decision(name)
         times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
-        print(f'  {name:8s} -> {d["option"]:7s} {d["source"]}{"; " + times if times else ""}', file=out)
-        print(f'  {"":8s}    {c.doc} (options: {", ".join(c.options)})', file=out)
+        print(f'  {name:11s} -> {d["option"]:8s} {d["source"]}{"; " + times if times else ""}', file=out)
+        print(f'  {"":11s}    {c.doc} (options: {", ".join(c.options)})', file=out)
 
 
 def info(out=None) -> None:

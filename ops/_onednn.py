@@ -38,41 +38,43 @@ def _off_reason() -> Optional[str]:
     return None
 
 
-def _measured_slower() -> bool:
-    return _cpu.choice('linear') != 'onednn'
+def _measured(name: str) -> str:
+    d = _cpu.decision(name)
+    times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
+    return f'{d["source"]}{": " + times if times else ""}'
 
 
 def state() -> Tuple[bool, str]:
-    """(on, why) of the oneDNN linear route, for ``python -m mixzoo.ops info``."""
+    """(on, why) of the oneDNN linear route (fp32; the bf16 one under autocast in the text), for
+    ``python -m mixzoo.ops info``."""
     env = f'{ENV}={_ENV_VALUE}' if _ENV_VALUE is not None else f'{ENV} unset (default on)'
     why = _off_reason()
     if why:
         return False, f'off: {why}; {env}'
-    d = _cpu.decision('linear')
-    times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
-    measured = f'{d["source"]}{": " + times if times else ""}'
-    if d['option'] != 'onednn':
-        return False, f'off on this CPU: F.linear (BLAS) chosen ({measured}); {env}'
-    return True, (f'on on this CPU ({measured}): {env}; fp32 CPU inference linears (every zoo model\'s nn.Linear, via '
-                  'mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
-                  'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; autograd, GPU, other '
-                  f'dtypes, autocast and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
+    bf16 = (f'bf16 under CPU autocast: {"oneDNN" if _cpu.choice("linear_bf16") == "onednn" else "F.linear"} '
+            f'({_measured("linear_bf16")})')
+    if _cpu.choice('linear') != 'onednn':
+        return False, f'off on this CPU for fp32: F.linear (BLAS) chosen ({_measured("linear")}); {bf16}; {env}'
+    return True, (f'on on this CPU ({_measured("linear")}): {env}; fp32 CPU inference linears (every zoo model\'s '
+                  'nn.Linear, via mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
+                  'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; '
+                  f'{bf16}; autograd, GPU, other dtypes and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
 
 
-def _autocast_cpu() -> bool:
-    return torch.is_autocast_enabled('cpu')
-
-
-def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _route(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the oneDNN route computes ``x @ weight.T`` in here, or None: F.linear."""
     if tracing():
-        return False   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
-    if not (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32):
-        return False
+        return None   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
+    if x.device.type != 'cpu' or weight.dtype != torch.float32:
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
-    if x.numel() <= max(20480, 64 * x.shape[-1]):
-        return False   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
-    return _off_reason() is None and not _autocast_cpu() and not _measured_slower()
+        return None   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
+    if x.numel() <= max(20480, 64 * x.shape[-1]) or _off_reason() is not None:
+        return None   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
+    if torch.is_autocast_enabled('cpu'):   # autocast's linear: bf16 GEMM (fp16 and others: F.linear)
+        ok = torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if ok and _cpu.choice('linear_bf16') == 'onednn' else None
+    return torch.float32 if x.dtype == torch.float32 and _cpu.choice('linear') == 'onednn' else None
 
 
 # activations oneDNN applies to the GEMM's output tile while it is in cache (a post-op): name -> (attr, algorithm)
@@ -101,16 +103,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     to F.linear within 1.2e-6 relative. Inference only: with autograd the convolution's backward measured
     1.07-1.4x slower than F.linear's (TransNeXt-T shapes, e.g. (25088 x 72) @ (72 x 768) fwd+bwd 730 vs
     625 ms), and it was the largest item of a TransNeXt-T training step. Everything else (autograd, GPU,
-    other dtypes, autocast, torch.compile / export / FX tracing) takes ``F.linear``. ``MIXZOO_ONEDNN_LINEAR=0``
-    turns it off.
+    other dtypes, torch.compile / export / FX tracing) takes ``F.linear``. ``MIXZOO_ONEDNN_LINEAR=0``
+    turns it off. Under CPU autocast to bfloat16 (inference) the same route runs in bf16 where this CPU measured
+    it faster than autocast's F.linear (``ops._cpu`` choice ``linear_bf16``; the GELU post-op is most of it).
 
     ``act`` ('gelu', 'gelu_tanh', 'relu' or None) is applied to the result: on the oneDNN route as the
     convolution's post-op (no separate pass over the output, which for an MLP's hidden layer is the
     block's largest map: DaViT-T's GELUs were 6.5% of its batch-8 forward), elsewhere in torch."""
     if act is not None and act not in _POST_OPS:
         raise ValueError(f'act={act!r}: expected one of {sorted(_POST_OPS)} or None')
-    if not _onednn_linear_ok(x, weight):
+    dtype = _route(x, weight)
+    if dtype is None:
         return activation(F.linear(x, weight, bias), act)
+    if dtype != torch.float32:   # under autocast: its casts (the weight's per call, as autocast's own linear)
+        x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
     return _conv_linear(x, weight, bias, act)
 
 
@@ -135,7 +141,7 @@ def _conv_linear(x, weight, bias=None, act=None):
 _MLPS = ((12544, 96), (3136, 192), (784, 384))
 
 
-def _measure() -> dict:
+def _measure(dtype: torch.dtype) -> dict:
     if _off_reason() is not None:
         return {}
     g = torch.Generator().manual_seed(0)
@@ -144,9 +150,23 @@ def _measure() -> dict:
 
     def mlps(lin):
         return lambda: [lin(lin(x, w1, b1, 'gelu'), w2, b2) for x, w1, b1, w2, b2 in cases]
-    return _cpu.interleaved({'onednn': mlps(_conv_linear),
-                             'blas': mlps(lambda x, w, b, act=None: activation(F.linear(x, w, b), act))})
+
+    def f_linear(x, w, b, act=None):
+        return activation(F.linear(x, w, b), act)
+    if dtype == torch.float32:
+        return _cpu.interleaved({'onednn': mlps(_conv_linear), 'blas': mlps(f_linear)})
+
+    def autocast(fn):
+        def run():
+            with torch.autocast('cpu', dtype):
+                return fn()
+        return run
+    # the route casts x and the weights per call, as autocast does: both sides pay the casts
+    return _cpu.interleaved({'onednn': autocast(mlps(lambda x, w, b, act=None: _conv_linear(
+        x.to(dtype), w.to(dtype), b.to(dtype), act))), 'autocast': autocast(mlps(f_linear))})
 
 
-_cpu.register('linear', ('onednn', 'blas'), _measure,
+_cpu.register('linear', ('onednn', 'blas'), lambda: _measure(torch.float32),
               'fp32 CPU inference linears: a oneDNN 1x1 convolution (mixzoo.ops._onednn.linear) or F.linear (BLAS)')
+_cpu.register('linear_bf16', ('onednn', 'autocast'), lambda: _measure(torch.bfloat16),
+              'CPU inference linears under autocast to bfloat16: the oneDNN route in bf16 or autocast\'s F.linear')

@@ -44,7 +44,7 @@ def test_forced_and_bad_values(fresh, monkeypatch):
     monkeypatch.setattr(_cpu, '_DECIDED', {})
     monkeypatch.setenv('MIXZOO_CPU', 'linear:mkl')
     with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: halo: c\|torch; "
-                                         r"linear: onednn\|blas"):
+                                         r"linear: onednn\|blas; linear_bf16: onednn\|autocast"):
         _cpu.choice('linear')
 
 
@@ -52,6 +52,8 @@ def test_every_choice_measures_its_options_here(fresh):
     d = _cpu.decision('linear')
     assert set(d['ms']) == ({'onednn', 'blas'} if torch.backends.mkldnn.is_available() else set())
     assert d['option'] == min(d['ms'], key=d['ms'].get) and all(v > 0 for v in d['ms'].values())
+    d = _cpu.decision('linear_bf16')
+    assert set(d['ms']) == ({'onednn', 'autocast'} if torch.backends.mkldnn.is_available() else set())
     d = _cpu.decision('halo')
     assert set(d['ms']) == ({'c', 'torch'} if halo_op.cpu.unavailable() is None else {'torch'})
     assert d['option'] == min(d['ms'], key=d['ms'].get)
@@ -66,8 +68,32 @@ def test_linear_route_follows_the_choice(fresh, monkeypatch, option):
     x, w = torch.randn(700, 64), torch.randn(32, 64)
     with torch.no_grad():
         torch.testing.assert_close(_onednn.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert bool(calls) == (option == 'onednn' and torch.backends.mkldnn.is_available())
-    assert _onednn.state()[0] == bool(calls)
+    used = bool(calls)
+    assert used == (option == 'onednn' and torch.backends.mkldnn.is_available())
+    assert _onednn.state()[0] == used
+
+
+@pytest.mark.parametrize('option', ['onednn', 'autocast'])
+def test_bf16_autocast_linear_route_follows_the_choice(fresh, monkeypatch, option):
+    monkeypatch.setenv('MIXZOO_CPU', f'linear_bf16:{option}')
+    calls = []
+    fused = _onednn._FUSED
+    monkeypatch.setattr(_onednn, '_FUSED', lambda *a: calls.append(a[0].dtype) or fused(*a))
+    x, w, b = torch.randn(700, 64), torch.randn(128, 64) / 8, torch.randn(128)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        y, ref = _onednn.linear(x, w, b, 'gelu'), F.gelu(F.linear(x, w, b))
+        x.requires_grad_()
+        assert _onednn.linear(x, w, b).dtype == torch.bfloat16       # no_grad: still the route
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1.6e-2, atol=5e-2)
+    assert calls == ([torch.bfloat16] if option == 'onednn' and fused is not None and
+                     torch.backends.mkldnn.is_available() else [])
+    calls.clear()
+    with torch.autocast('cpu', torch.bfloat16):                       # autograd: autocast's F.linear
+        assert _onednn.linear(x, w, b, 'gelu').dtype == torch.bfloat16 and not calls
+    with torch.no_grad(), torch.autocast('cpu', torch.float16):       # fp16 autocast: F.linear
+        _onednn.linear(x, w, b, 'gelu')
+    assert not calls
 
 
 @pytest.mark.parametrize('option', ['c', 'torch'])
@@ -88,7 +114,7 @@ def test_info_shows_every_choice(fresh, capsys, monkeypatch):
     main(['info'])
     out = capsys.readouterr().out
     assert f'CPU choices for {_cpu.signature()}' in out
-    assert '  halo     -> torch   forced by MIXZOO_CPU' in out
-    line = next(ln for ln in out.splitlines() if ln.startswith('  linear   -> '))
+    assert '  halo        -> torch    forced by MIXZOO_CPU' in out
+    line = next(ln for ln in out.splitlines() if ln.startswith('  linear      -> '))
     d = _cpu.decision('linear')
     assert d['option'] in line and d['source'] in line and all(f'{k} {v} ms' in line for k, v in d['ms'].items())

@@ -92,8 +92,10 @@ def test_linear_non_contiguous_input_and_fallbacks(monkeypatch):
     w.requires_grad_(False)
     calls.clear()
     layers.linear(x.double(), w.double(), b.double())      # other dtypes: F.linear
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    assert not calls
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # (its route: tests/test_cpu_choices.py)
         assert layers.linear(x, w, b).dtype == torch.bfloat16
+    calls.clear()
     monkeypatch.setattr(_onednn, "_ONEDNN_LINEAR", False)   # MIXZOO_ONEDNN_LINEAR=0
     layers.linear(x, w, b)
     assert not calls
