@@ -22,7 +22,7 @@ from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNor
 from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import SWIN_DENSE, Dense, Family, variant
-from .layers import bn_foldable, conv_bn_folded, conv_forward, drop_path_rates, pad_same
+from .layers import bn_foldable, conv_act_forward, conv_bn_folded, conv_forward, drop_path_rates, pad_same
 from .mixers import PartitionAttention
 
 __all__ = ['MaxVit']
@@ -65,9 +65,9 @@ class MbConvBlock(nn.Module):
         shortcut = self.shortcut(x)
         if bn_foldable(x, self.pre_norm, self.norm1, self.norm2):
             # eval BatchNorms are affine: fold them into the convs (3 fewer passes over the map)
-            x = self.norm1.act(conv_forward(self.conv1_1x1, x, *conv_bn_folded(self.conv1_1x1, self.norm1,
-                                                                              self.pre_norm)))
-            x = self.norm2.act(conv_forward(self.conv2_kxk, x, *conv_bn_folded(self.conv2_kxk, self.norm2)))
+            x = conv_act_forward(self.conv1_1x1, x, *conv_bn_folded(self.conv1_1x1, self.norm1, self.pre_norm),
+                                 self.norm1.act)
+            x = conv_act_forward(self.conv2_kxk, x, *conv_bn_folded(self.conv2_kxk, self.norm2), self.norm2.act)
         else:
             x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
             x = self.norm2(conv_forward(self.conv2_kxk, x, self.conv2_kxk.weight, self.conv2_kxk.bias))
@@ -116,7 +116,7 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bn_foldable(x, self.norm1):
-            x = self.norm1.act(conv_forward(self.conv1, x, *conv_bn_folded(self.conv1, self.norm1)))
+            x = conv_act_forward(self.conv1, x, *conv_bn_folded(self.conv1, self.norm1), self.norm1.act)
         else:
             x = self.norm1(conv_forward(self.conv1, x, self.conv1.weight, self.conv1.bias))
         return self.conv2(x)

@@ -77,8 +77,31 @@ def _route(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     return torch.float32 if x.dtype == torch.float32 and _cpu.choice('linear') == 'onednn' else None
 
 
-# activations oneDNN applies to the GEMM's output tile while it is in cache (a post-op): name -> (attr, algorithm)
-_POST_OPS = {'gelu': ('gelu', 'none'), 'gelu_tanh': ('gelu', 'tanh'), 'relu': ('relu', None)}
+def conv_dtype(x: torch.Tensor, *params: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype a convolution of ``x`` runs in on oneDNN here with an activation post-op (fp32; bf16 under CPU
+    autocast to bfloat16), or None where it does not (autograd, other devices / dtypes, tracing, no oneDNN)."""
+    if tracing() or x.device.type != 'cpu' or _FUSED is None or _off_reason() is not None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+        return None
+    if torch.is_autocast_enabled('cpu'):
+        ok = torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if ok else None
+    return torch.float32 if x.dtype == torch.float32 else None
+
+
+def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, stride, dilation,
+             groups: int, act: str, dtype: torch.dtype) -> torch.Tensor:
+    """``act(conv2d(x, weight, bias))`` as one oneDNN convolution with the activation as its post-op, in ``dtype``
+    (from :func:`conv_dtype`; the inputs are cast to it, as autocast would)."""
+    x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
+    attr, algorithm = _POST_OPS[act]
+    return _FUSED(x, weight, bias, list(padding), list(stride), list(dilation), groups, attr, [], algorithm)
+
+
+# activations oneDNN applies to the GEMM's output tile while it is in cache (a post-op): name -> (attr, algorithm).
+# Not ReLU: oneDNN's ReLU post-op maps NaN to 0 (torch's keeps it), which would hide a bad input
+_POST_OPS = {'gelu': ('gelu', 'none'), 'gelu_tanh': ('gelu', 'tanh')}
 _FUSED = getattr(getattr(torch.ops, 'mkldnn', None), '_convolution_pointwise', None)
 
 
@@ -86,8 +109,6 @@ def activation(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
     """The post-op ``act`` in torch (the path every unfused call takes)."""
     if act is None:
         return x
-    if act == 'relu':
-        return F.relu(x)
     return F.gelu(x, approximate='tanh' if act == 'gelu_tanh' else 'none')
 
 
@@ -107,7 +128,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     turns it off. Under CPU autocast to bfloat16 (inference) the same route runs in bf16 where this CPU measured
     it faster than autocast's F.linear (``ops._cpu`` choice ``linear_bf16``; the GELU post-op is most of it).
 
-    ``act`` ('gelu', 'gelu_tanh', 'relu' or None) is applied to the result: on the oneDNN route as the
+    ``act`` ('gelu', 'gelu_tanh' or None) is applied to the result: on the oneDNN route as the
     convolution's post-op (no separate pass over the output, which for an MLP's hidden layer is the
     block's largest map: DaViT-T's GELUs were 6.5% of its batch-8 forward), elsewhere in torch."""
     if act is not None and act not in _POST_OPS:

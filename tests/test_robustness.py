@@ -236,11 +236,13 @@ def test_training_after_inference_mode(name):
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize('bf16', [False, True], ids=['fp32', 'bf16-autocast'])
 @pytest.mark.parametrize('name', SMALL)
-def test_nan_propagates_without_crash(name, models):
+def test_nan_propagates_without_crash(name, models, bf16):
+    """(Also through the fused oneDNN paths: the GEMM / conv post-ops must not turn NaN into a number.)"""
     x = torch.randn(1, 3, 64, 64)
     x[0, :, 10, 10] = float('nan')
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=bf16):
         out = models(name)(x)
     assert torch.isnan(out).any()
 
