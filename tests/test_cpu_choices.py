@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixzoo.ops import _cpu, _dispatch, _onednn
+from mixzoo.ops import _attention, _cpu, _dispatch, _onednn
 from mixzoo.ops import halo as halo_op
 from mixzoo.ops.__main__ import main
 
@@ -43,8 +43,8 @@ def test_forced_and_bad_values(fresh, monkeypatch):
     assert not fresh.exists()                                     # nothing measured, nothing written
     monkeypatch.setattr(_cpu, '_DECIDED', {})
     monkeypatch.setenv('MIXZOO_CPU', 'linear:mkl')
-    with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: halo: c\|torch; "
-                                         r"linear: onednn\|blas; linear_bf16: onednn\|autocast"):
+    with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: attention: sdpa\|matmul;"
+                                         r".* halo: c\|torch; linear: onednn\|blas; linear_bf16: onednn\|autocast"):
         _cpu.choice('linear')
 
 
@@ -118,3 +118,56 @@ def test_info_shows_every_choice(fresh, capsys, monkeypatch):
     line = next(ln for ln in out.splitlines() if ln.startswith('  linear      -> '))
     d = _cpu.decision('linear')
     assert d['option'] in line and d['source'] in line and all(f'{k} {v} ms' in line for k, v in d['ms'].items())
+
+
+@pytest.mark.parametrize('mask', ['none', 'per-window', 'broadcast'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_chunked_attention_equals_sdpa(monkeypatch, mask, dtype):
+    monkeypatch.setattr(_attention, '_LOGITS_BYTES', 3 * 4 * 49 * 49 * 4)      # chunks of 4 of the 10 windows
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(10, 49, 3, 3, 32, generator=g).permute(2, 0, 3, 1, 4).to(dtype)   # the mixers' views
+    m = {'none': None, 'broadcast': torch.randn(1, 3, 49, 49, generator=g),
+         'per-window': torch.randn(3, 49, 49, generator=g).expand(10, 3, 49, 49).clone()}[mask]
+    m = None if m is None else m.to(dtype)
+    ref = F.scaled_dot_product_attention(*qkv.float(), attn_mask=None if m is None else m.float(), scale=0.3)
+    got = _attention.chunked(*qkv, m, scale=0.3)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=5e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+
+
+@pytest.mark.parametrize('option', ['sdpa', 'matmul'])
+def test_attention_route_follows_the_choice(fresh, monkeypatch, option):
+    monkeypatch.setenv('MIXZOO_CPU', f'attention:{option},attention_bf16:{option}')
+    calls = []
+    real = _attention.chunked
+    monkeypatch.setattr(_attention, 'chunked', lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = (torch.randn(4, 2, 49, 16) for _ in range(3))
+    with torch.no_grad():
+        for dt in (torch.float32, torch.bfloat16):
+            torch.testing.assert_close(_attention.attention(q.to(dt), k.to(dt), v.to(dt)).float(),
+                                       F.scaled_dot_product_attention(q, k, v), rtol=2e-2, atol=2e-2)
+        _attention.attention(q, k, v, torch.ones(49, 49, dtype=torch.bool))    # a boolean mask: SDPA
+    assert len(calls) == (2 if option == 'matmul' else 0)
+    calls.clear()
+    _attention.attention(q.requires_grad_(), k, v).sum().backward()            # autograd: SDPA
+    assert not calls and q.grad is not None
+
+
+def test_routing_inference_takes_the_matmul_kernel_where_chosen(fresh, monkeypatch):
+    from mixzoo.ops import routed_attention
+    from mixzoo.ops.routing import eager
+    monkeypatch.setenv('MIXZOO_CPU', 'attention:matmul')
+    used = []
+    for name in ('_flash_fwd', '_matmul_fwd'):
+        real = getattr(eager, name)
+        monkeypatch.setattr(eager, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    q, k, v = (torch.randn(1, 2, 4, 16, 8) for _ in range(3))
+    idx = torch.tensor([[[0, 1], [1, 2], [2, 3], [3, 0]]])
+    with torch.no_grad():
+        ref = routed_attention(q, k, v, idx, backend='reference')
+        torch.testing.assert_close(routed_attention(q, k, v, idx, backend='torch'), ref, rtol=1e-5, atol=1e-5)
+    assert used and set(used) == {'_matmul_fwd'}
+    used.clear()
+    routed_attention(q.requires_grad_(), k, v, idx, backend='torch').sum().backward()   # training: SDPA's flash
+    assert set(used) == ({'_flash_fwd'} if eager._flash_ok(q, k, v) else {'_matmul_fwd'})

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..ops import neighborhood_attention
+from ..ops._attention import attention
 from ..ops._dispatch import symbolic
 from ..ops.neighborhood import GridBias
 from ..ops.neighborhood.geometry import windows as window_geometry
@@ -220,6 +221,5 @@ class GlobalAttention(_CosineQueryMixin):
         dt = qkv.dtype
         q = self._scaled_query(qn, scale).view(B, h, N, D).to(dt)
         bias = self._position_bias(H, W, H, W, x).materialize().view(1, h, N, N)
-        o = F.scaled_dot_product_attention(q, F.normalize(qkv[1], dim=-1).to(dt), qkv[2], attn_mask=bias.to(dt),
-                                           scale=1.0)
+        o = attention(q, F.normalize(qkv[1], dim=-1).to(dt), qkv[2], bias.to(dt), scale=1.0)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, H, W, C)))

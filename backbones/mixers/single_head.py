@@ -1,10 +1,10 @@
 """SHViT's single-head self-attention on a channel subset (SHSA)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import GroupNorm1
 
 from ..layers import ConvNorm
+from ..ops._attention import attention
 
 
 class SingleHeadAttention(nn.Module):
@@ -24,7 +24,7 @@ class SingleHeadAttention(nn.Module):
         B, _, H, W = x.shape
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         q, k, v = torch.split(self.qkv(self.pre_norm(x1)).flatten(2), [self.qk_dim, self.qk_dim, self.pdim], dim=1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
-                                           v.transpose(1, 2)[:, None], scale=self.scale)   # (B, 1, N, pdim)
+        o = attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None], v.transpose(1, 2)[:, None],
+                      scale=self.scale)   # (B, 1, N, pdim)
         x1 = o[:, 0].transpose(1, 2).reshape(B, self.pdim, H, W)
         return self.proj(torch.cat([x1, x2], dim=1))

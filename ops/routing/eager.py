@@ -22,7 +22,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._dispatch import symbolic
+from .._attention import matmul_preferred
+from .._dispatch import symbolic, tracing
 
 _aten = torch.ops.aten
 _GATHER_BUDGET = 1 << 23       # elements of gathered K + V per block (32 MB in fp32)
@@ -102,7 +103,9 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, scale):
         B, h, R, T, _ = q.shape
-        flash = _flash_ok(q, k, v)
+        # inference: the matmul kernels where this CPU measured them faster than SDPA's (ops._attention)
+        inference = not any(ctx.needs_input_grad[:3])
+        flash = _flash_ok(q, k, v) and not (inference and not tracing() and matmul_preferred(q))
         fwd = _flash_fwd if flash else _matmul_fwd
         out = torch.empty(B, R, T, h, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(B, R, h, T, dtype=_acc(q).dtype, device=q.device)

@@ -1,11 +1,13 @@
-"""Window attention on torch SDPA (fused flash/efficient kernels on CPU and GPU).
+"""Window attention on torch SDPA (fused flash/efficient kernels on CPU and GPU; CPU inference on chunked
+matmuls where this CPU measured them faster: ``ops._attention``).
 
 Bias and key mask are folded into one additive mask broadcast over batch and windows, so no
 per-window copy of the bias is made."""
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from .._attention import attention
 
 
 def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
@@ -23,4 +25,4 @@ def window_attention(q, k, v, bias: Optional[torch.Tensor] = None, key_mask: Opt
     elif mask is not None:
         # a 4-D expanded view (no copy) lets CPU SDPA use its flash kernel instead of the math path
         mask = mask.expand(Bp, H, N, N)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return attention(q, k, v, mask, scale)
