@@ -141,6 +141,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _conv_linear(x, weight, bias, act)
 
 
+def routed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` takes the oneDNN route here."""
+    return _route(x, weight) is not None
+
+
 def _conv_linear(x, weight, bias=None, act=None):
     K = x.shape[-1]
     rows = x.reshape(-1, K)

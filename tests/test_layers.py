@@ -47,6 +47,23 @@ def test_fused_mlp_equals_timms_mlp(monkeypatch, act):
     torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)   # autograd: F.linear, then the module
 
 
+def test_fused_mlp_row_chunks_equal_the_whole(monkeypatch):
+    """A hidden map over _HIDDEN_BYTES runs in row chunks (inference on the oneDNN route): same values."""
+    torch.manual_seed(0)
+    m = layers.use_onednn_linears(Mlp(64, 256).eval())
+    x = torch.randn(3, 700, 64)
+    calls = _onednn_used(monkeypatch)
+    with torch.no_grad():
+        whole = m(x)
+        monkeypatch.setattr(layers, '_HIDDEN_BYTES', 1 << 16)
+        monkeypatch.setattr(layers, '_CHUNK_BYTES', 256 * 4 * 800)        # 800 rows a chunk: 3 chunks, the last short
+        n = len(calls)
+        chunked = m(x)
+    assert calls.count('fused') - 1 == 3 and len(calls) - n == 6
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_linear_rejects_an_unknown_activation_and_relu_stays_timms():
     with pytest.raises(ValueError, match="act='relu': expected one of"):
         layers.linear(torch.randn(4, 8), torch.randn(8, 8), act='relu')
