@@ -16,7 +16,7 @@ from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import Dense, Family, Release, variant
 from ._renames import Rename, Renames
-from .layers import ChannelScale, drop_path_rates, trunc_normal_init
+from .layers import ChannelScale, conv_act_forward, drop_path_rates, trunc_normal_init
 from .mixers import Pooling
 
 __all__ = ['PoolFormer']
@@ -41,7 +41,7 @@ class PoolFormerBlock(nn.Module):
             s1 = self.layer_scale1.scale.view(1, -1, 1, 1)
             x = torch.addcmul(x, s1, self.token_mixer(self.norm1(x)))
             mlp, s2 = self.mlp, self.layer_scale2.scale
-            h = mlp.drop1(mlp.act(mlp.fc1(self.norm2(x))))
+            h = mlp.drop1(conv_act_forward(mlp.fc1, self.norm2(x), mlp.fc1.weight, mlp.fc1.bias, mlp.act))
             return x + mlp.drop2(F.conv2d(h, mlp.fc2.weight * s2.view(-1, 1, 1, 1), mlp.fc2.bias * s2))
         x = x + self.drop_path1(self.layer_scale1(self.token_mixer(self.norm1(x))))
         x = x + self.drop_path2(self.layer_scale2(self.mlp(self.norm2(x))))
