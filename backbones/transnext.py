@@ -23,7 +23,7 @@ from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import SWIN_DENSE, Dense, Family, Release, variant
 from ._renames import Rename, Renames
-from .layers import drop_path_rates, trunc_normal_init
+from .layers import conv_act_forward, drop_path_rates, trunc_normal_init
 from .mixers.aggregated import AggregatedAttention, GlobalAttention
 
 __all__ = ['TransNeXt']
@@ -54,7 +54,9 @@ class ConvGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.drop(self.fc2(self.drop(self.act(self.dwconv(x)) * gate)))
+        conv = self.dwconv.dwconv   # GELU(dwconv) as one oneDNN convolution where it runs on oneDNN (inference)
+        h = conv_act_forward(conv, x.permute(0, 3, 1, 2), conv.weight, conv.bias, self.act).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(self.drop(h * gate)))
 
 
 class Block(nn.Module):
