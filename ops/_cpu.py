@@ -26,6 +26,7 @@ __all__ = ['Choice', 'register', 'choice', 'decision', 'choices', 'retune', 'sig
            'interleaved']
 
 ENV = 'MIXZOO_CPU'
+_MARGIN = 0.05   # how much faster than the first option another must measure to be chosen
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Choice:
     name: str
     options: Tuple[str, ...]                      # the first one is taken where nothing could be measured
     measure: Callable[[], Dict[str, float]]       # option -> seconds (best of several); absent: cannot run here
+    # (an option other than the first is chosen only when it measures over 5% faster than the first)
     doc: str
 
 
@@ -129,7 +131,11 @@ def _measure(c: Choice) -> dict:
         times = c.measure()
     if not times:
         return {'option': c.options[0], 'source': 'default (no option could be measured here)', 'ms': {}}
-    return {'option': min(times, key=times.get), 'source': f'measured {time.strftime("%Y-%m-%d")}',
+    best = min(times, key=times.get)
+    default = next((o for o in c.options if o in times), best)
+    # the first option stays unless another is clearly faster: a near tie would flip with the machine's load
+    option = best if times[best] < (1 - _MARGIN) * times[default] else default
+    return {'option': option, 'source': f'measured {time.strftime("%Y-%m-%d")}',
             'ms': {k: round(v * 1e3, 3) for k, v in sorted(times.items())}}
 
 
