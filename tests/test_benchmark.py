@@ -74,6 +74,7 @@ def test_efficiency_and_training_step_columns(capsys):
     fb = number(r['fb_img/s'])
     assert number(r['fb_ratio']) == pytest.approx(fb / number(r['fb_ref_img/s']), rel=0.02)
     assert '- `fb_GFLOP/s`: 3 * 2 * GMACs * fb_img/s' in out and '- `gemm_%`: ' in out
+    assert 'x_fp32' not in out                     # (a float32 run has no "vs float32" column)
     assert benchmark.main(['--model', 'mz_shvit_s1', *TINY, '--speed', 'none', '--no-page', '--no-backward']) == 0
     out = capsys.readouterr().out
     assert 'gemm_%' in out and 'fb_img/s' not in out
@@ -96,7 +97,8 @@ def test_bf16_runs_both_models_under_autocast(capsys):
     out = capsys.readouterr().out
     assert 'batch 2, bfloat16 autocast (float32 weights), best of 1' in out
     r = table(out)['mz_shvit_s1']
-    assert number(r['ratio']) and number(r['fb_ratio']) and float(r['max_diff']) < 0.2
+    assert number(r['ratio']) and number(r['fb_ratio']) and float(r['max_diff']) < 0.2 and number(r['x_fp32'])
+    assert '- `x_fp32`: the zoo model\'s bfloat16 img/s over its own float32 img/s' in out
     native = benchmark.native_gemm('bfloat16', 'cpu')
     assert (r['gemm_%'] != '-') == bool(native)
     assert '- `gemm_%`: GFLOP/s as a share of this machine\'s bfloat16 GEMM rate' in out

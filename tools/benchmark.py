@@ -269,6 +269,9 @@ def columns(args):
         Column('gemm_%', f'GFLOP/s as a share of this machine\'s {args.dtype} GEMM rate (the header), %: low = a '
                          'family that uses the machine less than its arithmetic allows.', '.1f'),
     ]
+    if args.dtype != 'float32':
+        cols.append(Column('x_fp32', f'the zoo model\'s {args.dtype} img/s over its own float32 img/s (no autocast), '
+                                     'timed in the same interleaved rounds (> 1: the half type is faster).', '.2f'))
     if not args.no_backward:
         cols += [
             Column('fb_img/s', 'the zoo model\'s training-step throughput: forward + backward (train mode, loss = the '
@@ -586,6 +589,8 @@ def speed(name, info, size, args, official):
         models['ref'] = ref.eval().to(args.device)
     amp = precision(args)
     runs = {k: under(amp, m) for k, m in models.items()}
+    if args.dtype != 'float32':
+        runs['fp32'] = models['zoo']      # the same model without autocast, for the x_fp32 column
     out = {}
     x = torch.randn(args.batch_size, 3, *size, device=args.device)
     with forced_backend(args.backend):
@@ -608,6 +613,8 @@ def speed(name, info, size, args, official):
         out['ratio'] = best['ref'] / best['zoo']
         d = (outs['zoo'].double() - outs['ref'].double()).abs().max() / outs['ref'].double().abs().max()
         out['max_diff'] = d.item()
+    if 'fp32' in best:
+        out['x_fp32'] = best['fp32'] / best['zoo']
     if 'forced' in best:
         out[f'{args.compare_backend}_img/s'] = bs / best['forced']
         out[f'ratio_vs_{args.compare_backend}'] = best['forced'] / best['zoo']
