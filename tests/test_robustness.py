@@ -2,6 +2,7 @@
 torch.compile / torch.export, and clear errors for bad input. The smallest variant of each family
 runs in every CI pass; the other fully tested variants run under the `slow` marker (also in CI).
 Build-only variants (the largest) are out of scope here: too large for a 2-core CI machine."""
+import copy
 import pickle
 
 import pytest
@@ -245,6 +246,39 @@ def test_nan_propagates_without_crash(name, models, bf16):
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=bf16):
         out = models(name)(x)
     assert torch.isnan(out).any()
+
+
+# the ops whose inputs say which matrix units a forward uses (GEMMs, convolutions, attention)
+_GEMM_OPS = {'mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'einsum', 'linear', 'conv1d', 'conv2d', 'convolution',
+             '_convolution_pointwise', 'scaled_dot_product_attention', '_scaled_dot_product_flash_attention_for_cpu'}
+
+
+@pytest.mark.parametrize('mode', ['autocast', 'bf16-weights'])
+@pytest.mark.parametrize('name', SMALL)
+def test_bf16_runs_every_product_in_bf16(name, models, mode):
+    """In CPU inference under autocast to bfloat16, and of a model cast to bfloat16, every product of the forward
+    takes bf16 inputs: no op path upcasts to fp32 in its hot loop (on CPUs with AVX512-BF16 / AMX the products run
+    on the bf16 units). (Under autocast an upcast is undone by autocast itself; a bf16 model shows it.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split('.')[0] in _GEMM_OPS:
+                self.seen.append((func.__name__, [a.dtype for a in args[:2] if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    log = Products()
+    m, x = models(name), torch.randn(1, 3, 96, 96)
+    if mode == 'bf16-weights':
+        m, x = copy.deepcopy(m).bfloat16(), x.bfloat16()
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=mode == 'autocast'), log:
+        m(x)
+    assert log.seen
+    assert [s for s in log.seen if any(d != torch.bfloat16 for d in s[1])] == []
 
 
 def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
