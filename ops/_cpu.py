@@ -127,7 +127,8 @@ def _forced() -> Dict[str, str]:
 
 
 def _measure(c: Choice) -> dict:
-    with torch.inference_mode():
+    # (a first use inside an autocast region must not time the fp32 options in bf16: each measure sets its own)
+    with torch.inference_mode(), torch.autocast('cpu', enabled=False):
         times = c.measure()
     if not times:
         return {'option': c.options[0], 'source': 'default (no option could be measured here)', 'ms': {}}

@@ -42,6 +42,15 @@ def test_measured_once_then_cached_per_signature(fresh, monkeypatch):
     assert len(json.loads(fresh.read_text())) == 2                 # one entry per CPU signature
 
 
+def test_measured_outside_the_callers_autocast(fresh, monkeypatch):
+    seen = []
+    monkeypatch.setitem(_cpu._CHOICES, 'toy', _cpu.Choice('toy', ('a',), lambda: seen.append(
+        (torch.is_autocast_enabled('cpu'), torch.is_inference_mode_enabled())) or {'a': 1e-3}, 'a toy choice'))
+    with torch.autocast('cpu', torch.bfloat16):
+        _cpu.choice('toy')
+    assert seen == [(False, True)]
+
+
 def test_forced_and_bad_values(fresh, monkeypatch):
     monkeypatch.setenv('MIXZOO_CPU', 'linear:blas')
     assert _cpu.decision('linear') == {'option': 'blas', 'source': 'forced by MIXZOO_CPU', 'ms': {}}
