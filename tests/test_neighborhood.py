@@ -36,8 +36,8 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
 
 
 @pytest.mark.parametrize('border,dilation', [('shift', 1), ('shift', 3), ('mask', 2)])
-@pytest.mark.parametrize('extra', [False, True])
-def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra):
+@pytest.mark.parametrize('extra,tiles', [(False, 'tokens'), (True, 'tokens'), (True, 'bytes')])
+def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra, tiles):
     """Both paths of the torch backend cut the map into many pieces and still equal the reference, forward and
     backward: query-row tiles of the gathered path (extra keys), query tiles, their key regions (clamped at the
     far edges) and chunks of tile rows of the blocked path, dilation groups of two lengths (17 = 3 * 6 - 1)."""
@@ -50,6 +50,9 @@ def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra):
         kw.update(extra_k=torch.randn(2, 2, 4, 8, dtype=torch.float64, generator=g),
                   extra_v=torch.randn(2, 2, 4, 8, dtype=torch.float64, generator=g))
     monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10)     # gathered path: 1 row of 13 per tile
+    if tiles == 'bytes':                                 # or 2 rows a tile, by the gathered windows' bytes
+        monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10 ** 6)
+        monkeypatch.setattr(nb_torch, 'TILE_BYTES', 2 * (2 * 2 * 13 * 9 * 8 * 8))
     monkeypatch.setattr(nb_torch, 'TILE_SIDE', 2)        # blocked path: 2 x 2 query tiles, one tile row per chunk
     monkeypatch.setattr(nb_torch, 'CHUNK_BYTES', 1)
     outs, grads = [], []

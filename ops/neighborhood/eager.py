@@ -24,6 +24,11 @@ from .._dispatch import symbolic
 from . import geometry as G
 
 TILE_TOKENS = 4096     # queries per tile (gathered path)
+# and at most this much gathered K (or V) a tile, batch and heads included: the windows of a whole map at batch
+# 8 were 16-65 MB for TransNeXt-T, above glibc's 32 MB mmap ceiling (fresh page faults on every call) or out of
+# cache. Measured AMD EPYC, TransNeXt-T forward, batch 8 (two runs each): unbounded 1244 / 1257 ms, 8 MB 1147 /
+# 1200 ms (bf16 autocast 795 -> 764 ms), 4 MB 1157 / 1145 ms but bf16 818 ms
+TILE_BYTES = 8 << 20
 TILE_SIDE = 8          # query tile side (blocked path)
 CHUNK_BYTES = 1 << 22  # logits buffer per chunk of tiles (blocked path)
 
@@ -61,7 +66,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     if sym:     # (the whole map one tile: a tile count would be a guard on the size)
         spans = [(0, H)]
     else:
-        rows = max(1, TILE_TOKENS // W)
+        rows = max(1, min(TILE_TOKENS // W, TILE_BYTES // (B * h * W * K2 * max(D, Dv) * q.element_size())))
         spans = [(r0, min(H, r0 + rows)) for r0 in range(0, H, rows)]
     outs = []
     for r0, r1 in spans:
