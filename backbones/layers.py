@@ -52,8 +52,7 @@ def bn_foldable(x: torch.Tensor, *bns: nn.Module) -> bool:
         return False
     if x.dtype in (torch.float32, torch.float64) and not _autocast_on(x.device.type):
         return True
-    return (x.device.type == 'cpu' and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+    return not torch.is_grad_enabled() and _onednn.autocast_bf16(x)
 
 
 class Linear(nn.Linear):
@@ -70,6 +69,11 @@ def _post_op(act: nn.Module):
     return {GELU: 'gelu', GELUTanh: 'gelu_tanh'}.get(type(act))   # (not ReLU: see ops._onednn._POST_OPS)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """A forward (pre-)hook watches one of ``modules``: a fused path would skip its call, so take the modules'."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class FusedMlp(Mlp):
     """timm's Mlp (same modules and state dict) whose hidden activation runs as the oneDNN GEMM's post-op
     where ``ops._onednn.linear`` takes that route (fp32 CPU inference); elsewhere, or when a hook watches
@@ -77,7 +81,7 @@ class FusedMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = _post_op(self.act)
-        if act is None or any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act)):
+        if act is None or _hooked(self.fc1, self.act):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
         if rows * self.fc1.out_features * x.element_size() > _HIDDEN_BYTES and _onednn.routed(x, self.fc1.weight):
@@ -146,7 +150,7 @@ def conv_act_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bia
     autocast) and ``act`` is a GELU, the activation is the convolution's post-op (no pass of its own over the
     map: MaxViT-T's MBConv GELUs were 19% of its bf16 forward at batch 8)."""
     post = _post_op(act)
-    dtype = _onednn.conv_dtype(x, weight, bias) if post is not None and not act._forward_hooks else None
+    dtype = _onednn.conv_dtype(x, weight, bias) if post is not None and not _hooked(act) else None
     if dtype is None or conv.padding_mode != 'zeros' or isinstance(conv.padding, str) and conv.padding != 'valid':
         return act(conv_forward(conv, x, weight, bias))
     if isinstance(conv, Conv2dSame):

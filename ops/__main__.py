@@ -15,9 +15,7 @@ def cpu_choices(out=None) -> None:
     out = out or sys.stdout
     print(f'CPU choices for {_cpu.signature()} ({_cpu.ENV}=<choice>:<option> forces one):', file=out)
     for name, c in sorted(_cpu.choices().items()):
-        d = _cpu.decision(name)
-        times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
-        print(f'  {name:11s} -> {d["option"]:8s} {d["source"]}{"; " + times if times else ""}', file=out)
+        print(f'  {name:11s} -> {_cpu.choice(name):8s} {_cpu.explain(name)}', file=out)
         print(f'  {"":11s}    {c.doc} (options: {", ".join(c.options)})', file=out)
 
 

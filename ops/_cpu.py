@@ -23,7 +23,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 __all__ = ['Choice', 'register', 'choice', 'decision', 'choices', 'retune', 'signature', 'cpu_model', 'cpu_flags',
-           'interleaved']
+           'interleaved', 'explain']
 
 ENV = 'MIXZOO_CPU'
 _MARGIN = 0.05   # how much faster than the first option another must measure to be chosen
@@ -39,7 +39,7 @@ class Choice:
 
 
 _CHOICES: Dict[str, Choice] = {}
-_DECIDED: Dict[str, dict] = {}
+_DECIDED: Dict[Tuple[str, str], dict] = {}   # (choice, signature) -> decision
 
 
 def register(name: str, options: Tuple[str, ...], measure: Callable[[], Dict[str, float]], doc: str) -> None:
@@ -164,6 +164,13 @@ def choice(name: str) -> str:
     """The option of choice ``name`` on this CPU (cheap after the first call in a process)."""
     entry = _DECIDED.get((name, signature()))
     return (entry or decision(name))['option']
+
+
+def explain(name: str) -> str:
+    """How choice ``name`` was decided here: its source and, where measured, each option's time."""
+    d = decision(name)
+    times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
+    return f'{d["source"]}{"; " + times if times else ""}'
 
 
 def retune() -> None:

@@ -38,12 +38,6 @@ def _off_reason() -> Optional[str]:
     return None
 
 
-def _measured(name: str) -> str:
-    d = _cpu.decision(name)
-    times = ', '.join(f'{k} {v} ms' for k, v in d['ms'].items())
-    return f'{d["source"]}{": " + times if times else ""}'
-
-
 def state() -> Tuple[bool, str]:
     """(on, why) of the oneDNN linear route (fp32; the bf16 one under autocast in the text), for
     ``python -m mixzoo.ops info``."""
@@ -52,42 +46,49 @@ def state() -> Tuple[bool, str]:
     if why:
         return False, f'off: {why}; {env}'
     bf16 = (f'bf16 under CPU autocast: {"oneDNN" if _cpu.choice("linear_bf16") == "onednn" else "F.linear"} '
-            f'({_measured("linear_bf16")})')
+            f'({_cpu.explain("linear_bf16")})')
     if _cpu.choice('linear') != 'onednn':
-        return False, f'off on this CPU for fp32: F.linear (BLAS) chosen ({_measured("linear")}); {bf16}; {env}'
-    return True, (f'on on this CPU ({_measured("linear")}): {env}; fp32 CPU inference linears (every zoo model\'s '
+        return False, f'off on this CPU for fp32: F.linear (BLAS) chosen ({_cpu.explain("linear")}); {bf16}; {env}'
+    return True, (f'on on this CPU ({_cpu.explain("linear")}): {env}; fp32 CPU inference linears (every zoo model\'s '
                   'nn.Linear, via mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
                   'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; '
                   f'{bf16}; autograd, GPU, other dtypes and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
 
 
+def autocast_bf16(x: torch.Tensor) -> bool:
+    """``x`` is a CPU tensor under CPU autocast to bfloat16 whose products autocast runs in bf16."""
+    return (x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+            and torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def _inference_dtype(x: torch.Tensor, *params: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype a oneDNN route computes ``x``'s product in here (fp32; bf16 under CPU autocast to bfloat16), or
+    None where no route runs: autograd, other devices / dtypes / autocast types, tracing, no oneDNN."""
+    if tracing():
+        return None   # compilers have their own CPU GEMM lowering; traced graphs keep the plain ops
+    if x.device.type != 'cpu' or _off_reason() is not None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+        return None   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
+    if torch.is_autocast_enabled('cpu'):
+        return torch.bfloat16 if autocast_bf16(x) else None
+    return torch.float32 if x.dtype == torch.float32 else None
+
+
 def _route(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype the oneDNN route computes ``x @ weight.T`` in here, or None: F.linear."""
-    if tracing():
-        return None   # compilers have their own CPU GEMM lowering; traced graphs keep plain linear
-    if x.device.type != 'cpu' or weight.dtype != torch.float32:
+    dtype = _inference_dtype(x, weight)   # (first: under tracing a size comparison would be a guard)
+    if dtype is None or weight.dtype != torch.float32:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
-    if x.numel() <= max(20480, 64 * x.shape[-1]) or _off_reason() is not None:
+    if x.numel() <= max(20480, 64 * x.shape[-1]):
         return None   # small inputs (heads): torch would send such a conv to its slow non-oneDNN kernel
-    if torch.is_autocast_enabled('cpu'):   # autocast's linear: bf16 GEMM (fp16 and others: F.linear)
-        ok = torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if ok and _cpu.choice('linear_bf16') == 'onednn' else None
-    return torch.float32 if x.dtype == torch.float32 and _cpu.choice('linear') == 'onednn' else None
+    return dtype if _cpu.choice('linear' if dtype == torch.float32 else 'linear_bf16') == 'onednn' else None
 
 
 def conv_dtype(x: torch.Tensor, *params: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype a convolution of ``x`` runs in on oneDNN here with an activation post-op (fp32; bf16 under CPU
     autocast to bfloat16), or None where it does not (autograd, other devices / dtypes, tracing, no oneDNN)."""
-    if tracing() or x.device.type != 'cpu' or _FUSED is None or _off_reason() is not None:
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
-        return None
-    if torch.is_autocast_enabled('cpu'):
-        ok = torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if ok else None
-    return torch.float32 if x.dtype == torch.float32 else None
+    return None if _FUSED is None else _inference_dtype(x, *params)
 
 
 def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, stride, dilation,
@@ -155,8 +156,7 @@ def _conv_linear(x, weight, bias=None, act=None):
     # writes a channels-last (1, N, M, 1) output, i.e. (M, N) rows again
     image, w = rows.view(1, -1, 1, K).permute(0, 3, 1, 2), weight[:, :, None, None]
     if act is not None and _FUSED is not None:
-        attr, algorithm = _POST_OPS[act]
-        y = _FUSED(image, w, bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm)
+        y = conv_act(image, w, bias, (0, 0), (1, 1), (1, 1), 1, act, image.dtype)
     else:
         y = activation(F.conv2d(image, w, bias), act)
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])

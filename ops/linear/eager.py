@@ -16,7 +16,6 @@ import torch
 from .._dispatch import empty
 
 
-
 def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_min: float = 100.) -> torch.Tensor:
     """Two batched matmuls: the (D, Dv + 1) state [t K^T V | sum k], then queries x state
     (numerator and normaliser in one product)."""
