@@ -35,16 +35,17 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
     torch.testing.assert_close(out, want)
 
 
-@pytest.mark.parametrize('border,dilation', [('shift', 1), ('shift', 3), ('mask', 2)])
+@pytest.mark.parametrize('border,dilation,kernel', [('shift', 1, 3), ('shift', 3, 3), ('mask', 2, 3), ('mask', 1, 5)])
 @pytest.mark.parametrize('extra,tiles', [(False, 'tokens'), (True, 'tokens'), (True, 'bytes')])
-def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra, tiles):
+def test_torch_backend_across_tiles(monkeypatch, border, dilation, kernel, extra, tiles):
     """Both paths of the torch backend cut the map into many pieces and still equal the reference, forward and
-    backward: query-row tiles of the gathered path (extra keys), query tiles, their key regions (clamped at the
-    far edges) and chunks of tile rows of the blocked path, dilation groups of two lengths (17 = 3 * 6 - 1)."""
+    backward: query-row tiles of the gathered path (extra keys; its window gradients summed back by shifted adds for
+    centred windows, by index_add for shifted ones), query tiles, their key regions (clamped at the far edges) and
+    chunks of tile rows of the blocked path, dilation groups of two lengths (17 = 3 * 6 - 1)."""
     from mixzoo.ops.neighborhood import eager as nb_torch
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 17, 13, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
-    rpb = torch.randn(2, 5, 5, dtype=torch.float64, generator=g).requires_grad_()
+    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, generator=g).requires_grad_()
     kw = dict(rpb=rpb, border=border)
     if extra:
         kw.update(extra_k=torch.randn(2, 2, 4, 8, dtype=torch.float64, generator=g),
@@ -52,12 +53,12 @@ def test_torch_backend_across_tiles(monkeypatch, border, dilation, extra, tiles)
     monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10)     # gathered path: 1 row of 13 per tile
     if tiles == 'bytes':                                 # or 2 rows a tile, by the gathered windows' bytes
         monkeypatch.setattr(nb_torch, 'TILE_TOKENS', 10 ** 6)
-        monkeypatch.setattr(nb_torch, 'TILE_BYTES', 2 * (2 * 2 * 13 * 9 * 8 * 8))
+        monkeypatch.setattr(nb_torch, 'TILE_BYTES', 2 * (2 * 2 * 13 * kernel ** 2 * 8 * 8))
     monkeypatch.setattr(nb_torch, 'TILE_SIDE', 2)        # blocked path: 2 x 2 query tiles, one tile row per chunk
     monkeypatch.setattr(nb_torch, 'CHUNK_BYTES', 1)
     outs, grads = [], []
     for backend in ('reference', 'torch'):
-        out = neighborhood_attention(q, k, v, 3, dilation, backend=backend, **kw)
+        out = neighborhood_attention(q, k, v, kernel, dilation, backend=backend, **kw)
         grads.append(torch.autograd.grad(out, (q, k, v, rpb), torch.ones_like(out)))
         outs.append(out)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
