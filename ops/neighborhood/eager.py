@@ -74,7 +74,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         qt = q[:, :, r0:r1]                                                 # (B, h, t, W, D)
         it = idx[r0:r1]
         geo = (r0, r1, H, W, kernel, dilation, border)
-        s = _SlotDot.apply(_gather(kf, it, geo), qt).to(ct) * scale       # (B, h, t, W, k*k)
+        s = _window_dot(kf, qt, it, geo).to(ct) * scale                    # (B, h, t, W, k*k)
         s = s + add[..., r0:r1, :, :]
         if ekt is not None and fused:
             ww = None if window_weights is None else window_weights[:, :, r0:r1]
@@ -87,7 +87,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
             s = torch.cat([s, se], dim=-1)
         p = torch.softmax(s, dim=-1).to(v.dtype)
         pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights[:, :, r0:r1]
-        o = _SlotSum.apply(pw, _gather(vf, it, geo))                        # (B, h, t, W, Dv)
+        o = _window_sum(pw, vf, it, geo)                                    # (B, h, t, W, Dv)
         if ekt is not None:
             o = o + (p[..., K2:].flatten(2, 3) @ extra_v).unflatten(2, (r1 - r0, W))
         outs.append(o)
@@ -101,39 +101,108 @@ def _gather(x, it, geo):
     return x[:, :, it]
 
 
+def _fused_backward(geo, *ts) -> bool:
+    """Whether a tile's window products take the Functions below: with autograd, centred windows, eager."""
+    return (geo[-1] == 'mask' and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+            and not tracing())
+
+
+def _window_dot(kf, q, it, geo):
+    """The window logits (B, h, t, W, k*k) of a query tile ``q`` (B, h, t, W, D) against the flat key map ``kf``."""
+    if _fused_backward(geo, kf, q):
+        return _WindowDot.apply(kf, q, it, geo)
+    return _SlotDot.apply(_gather(kf, it, geo), q)
+
+
+def _window_sum(p, vf, it, geo):
+    """The window outputs (B, h, t, W, Dv): the probabilities ``p`` (B, h, t, W, k*k) over the windows of ``vf``."""
+    if _fused_backward(geo, p, vf):
+        return _WindowSum.apply(p, vf, it, geo)
+    return _SlotSum.apply(p, _gather(vf, it, geo))
+
+
 class _WindowGather(torch.autograd.Function):
-    """``x[:, :, it]`` whose backward sums the window gradients back onto the map faster than autograd's
-    (an accumulating ``index_put_``, single-threaded on CPU: 336 ms, 9% of the zoo's TransNeXt-T training step at
-    batch 8). With centred windows (``mask``) every slot is one shift of the map, so the sum is k*k strided adds
-    of the tile's rows (out-of-map slots drop out: their logits are -inf, their gradient 0); shifted windows
-    (``shift``) go through ``index_add_``. Measured AMD EPYC, a TransNeXt-T stage-1 tile (8, 3, 7 x 56 queries,
-    3x3, d24): index_put 2.67 ms, index_add 1.57 ms, shifted adds 0.72 ms."""
+    """``x[:, :, it]`` whose backward is an ``index_add_`` of the window gradients (autograd's own, an
+    accumulating ``index_put_``, is single-threaded on CPU; measured AMD EPYC on a TransNeXt-T stage-1 tile: 2.67
+    vs 1.57 ms). Centred windows with autograd take the fused products below instead."""
 
     @staticmethod
     def forward(ctx, x, it, geo):
         ctx.save_for_backward(it)
-        ctx.geo, ctx.shape = geo, x.shape
+        ctx.shape = x.shape
         return x[:, :, it]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         it, = ctx.saved_tensors
-        r0, r1, H, W, kernel, dilation, border = ctx.geo
-        B, h, L, D = ctx.shape
-        if border != 'mask':
-            return g.new_zeros(ctx.shape).index_add_(2, it.flatten(), g.flatten(2, 4)), None, None
-        out = g.new_zeros(B, h, H, W, D)
-        c = kernel // 2
-        for a in range(kernel):          # slot a * kernel + b: key = query + dilation * (a - c, b - c)
-            dy = dilation * (a - c)
-            i0, i1 = max(r0, -dy), min(r1, H - dy)     # tile rows whose key row is in the map
-            for b in range(kernel):
-                dx = dilation * (b - c)
-                j0, j1 = max(0, -dx), min(W, W - dx)
-                if i0 < i1 and j0 < j1:
-                    out[:, :, i0 + dy:i1 + dy, j0 + dx:j1 + dx] += g[:, :, i0 - r0:i1 - r0, j0:j1, a * kernel + b]
-        return out.view(B, h, L, D), None, None
+        return g.new_zeros(ctx.shape).index_add_(2, it.flatten(), g.flatten(2, 4)), None, None
+
+
+def _slot_scatter(geo, shape, w, x):
+    """sum over the window slots of ``w[..., slot, None] * x``, each moved onto the key its slot points at: the
+    gradient of the flat key (value) map ``shape`` (B, h, H*W, D) from a tile's window products, for centred
+    windows, where every slot is one shift of the map. One strided multiply-add per slot: the window-sized
+    product (k*k x the tile) and its scatter back (autograd's accumulating ``index_put_``, single-threaded on
+    CPU: 336 ms, 9% of a TransNeXt-T training step at batch 8) are never formed. Out-of-map slots drop out
+    (their logits are -inf: their probability and logit gradient are 0)."""
+    r0, r1, H, W, kernel, dilation, _ = geo
+    B, h, L, D = shape
+    out = x.new_zeros(B, h, H, W, D)
+    w = w.to(x.dtype)
+    c = kernel // 2
+    for a in range(kernel):          # slot a * kernel + b: key = query + dilation * (a - c, b - c)
+        dy = dilation * (a - c)
+        i0, i1 = max(r0, -dy), min(r1, H - dy)     # tile rows whose key row is in the map
+        for b in range(kernel):
+            dx = dilation * (b - c)
+            j0, j1 = max(0, -dx), min(W, W - dx)
+            if i0 < i1 and j0 < j1:
+                out[:, :, i0 + dy:i1 + dy, j0 + dx:j1 + dx].addcmul_(
+                    w[:, :, i0 - r0:i1 - r0, j0:j1, a * kernel + b, None], x[:, :, i0 - r0:i1 - r0, j0:j1])
+    return out.view(B, h, L, D)
+
+
+class _WindowDot(torch.autograd.Function):
+    """``kf[:, :, it] @ q`` per query (the window logits, as ``_SlotDot`` of the gathered windows), whose key
+    gradient is :func:`_slot_scatter` of the logit gradient and the queries (centred windows)."""
+
+    @staticmethod
+    def forward(ctx, kf, q, it, geo):
+        kg = kf[:, :, it]
+        ctx.save_for_backward(kg, q)
+        ctx.geo, ctx.shape = geo, kf.shape
+        return (kg @ q.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        kg, q = ctx.saved_tensors
+        g = g.to(kg.dtype)
+        gk = _slot_scatter(ctx.geo, ctx.shape, g, q) if ctx.needs_input_grad[0] else None
+        gq = (g.unsqueeze(-2) @ kg).squeeze(-2) if ctx.needs_input_grad[1] else None
+        return gk, gq, None, None
+
+
+class _WindowSum(torch.autograd.Function):
+    """``p @ vf[:, :, it]`` per query (the window outputs, as ``_SlotSum``), whose value gradient is
+    :func:`_slot_scatter` of the probabilities and the output gradient (centred windows)."""
+
+    @staticmethod
+    def forward(ctx, p, vf, it, geo):
+        vg = vf[:, :, it]
+        ctx.save_for_backward(p, vg)
+        ctx.geo, ctx.shape = geo, vf.shape
+        return (p.unsqueeze(-2) @ vg).squeeze(-2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        p, vg = ctx.saved_tensors
+        g = g.to(vg.dtype)
+        gp = (vg @ g.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[0] else None
+        gv = _slot_scatter(ctx.geo, ctx.shape, p, g) if ctx.needs_input_grad[1] else None
+        return gp, gv, None, None
 
 
 def _tile_gather(x, rows, cols):
