@@ -8,10 +8,11 @@ values. A quarter of the products are used (tile 8, kernel 7), but as large batc
 gather of every query's window runs at memory speed (7x7 windows copy K and V 49 times). Dilation splits
 the map into its dilation groups (positions congruent modulo the dilation), each a dilation-free map.
 
-With extra keys (TransNeXt): query rows in tiles, so the gathered K/V windows and the logits (window +
-extra keys) exist for one tile at a time (memory bounded by the tile, not the map); window logits and
-outputs by batched matmuls instead of broadcast products. An extra bias given as a ``GridBias`` is
-expanded one tile at a time too.
+With extra keys (TransNeXt): query rows in tiles, so the logits (window + extra keys) exist for one tile at a
+time (memory bounded by the tile, not the map). Centred windows in full precision: the window logits and outputs
+one slot at a time, each slot one shift of the map (strided products, no gathered copy of the windows; gradients
+by strided multiply-adds); otherwise the tile's K/V windows gathered and batched matmuls. An extra bias given as
+a ``GridBias`` is expanded one tile at a time too.
 
 Inference on CPU with extra keys: the extra-key attention runs in SDPA's fused kernel, which also
 returns its log-sum-exp, and is merged with the window part as two pieces of one softmax
@@ -74,11 +75,12 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
         qt = q[:, :, r0:r1]                                                 # (B, h, t, W, D)
         it = idx[r0:r1]
         geo = (r0, r1, H, W, kernel, dilation, border)
-        s = _window_dot(kf, qt, it, geo).to(ct) * scale                    # (B, h, t, W, k*k)
+        s = _window_dot(k, qt, kf, it, geo).to(ct) * scale                 # (B, h, t, W, k*k)
         s = s + add[..., r0:r1, :, :]
         if ekt is not None and fused:
             ww = None if window_weights is None else window_weights[:, :, r0:r1]
-            outs.append(_merge_extra(qt, s, _gather(vf, it, geo), extra_k, extra_v, extra_bias, r0, r1, scale, ww))
+            outs.append(_merge_extra(qt, s, lambda w: _window_sum(w.to(v.dtype), v, vf, it, geo), extra_k, extra_v,
+                                     extra_bias, r0, r1, scale, ww))
             continue
         if ekt is not None:
             se = (qt.flatten(2, 3) @ ekt).unflatten(2, (r1 - r0, W)).to(ct) * scale
@@ -87,7 +89,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
             s = torch.cat([s, se], dim=-1)
         p = torch.softmax(s, dim=-1).to(v.dtype)
         pw = p[..., :K2] if window_weights is None else p[..., :K2] + window_weights[:, :, r0:r1]
-        o = _window_sum(pw, vf, it, geo)                                    # (B, h, t, W, Dv)
+        o = _window_sum(pw, v, vf, it, geo)                                 # (B, h, t, W, Dv)
         if ekt is not None:
             o = o + (p[..., K2:].flatten(2, 3) @ extra_v).unflatten(2, (r1 - r0, W))
         outs.append(o)
@@ -101,30 +103,37 @@ def _gather(x, it, geo):
     return x[:, :, it]
 
 
-def _fused_backward(geo, *ts) -> bool:
-    """Whether a tile's window products take the Functions below: with autograd, centred windows, eager."""
-    return (geo[-1] == 'mask' and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-            and not tracing())
+def _per_slot(geo, x) -> bool:
+    """Centred windows in float32 / float64, eager: a tile's window products are computed one slot at a time,
+    each slot one shift of the map (below); otherwise from gathered windows (half types keep the batched
+    matmuls' fp32 accumulation; traced graphs keep their few nodes)."""
+    return geo[-1] == 'mask' and x.dtype in (torch.float32, torch.float64) and not tracing()
 
 
-def _window_dot(kf, q, it, geo):
-    """The window logits (B, h, t, W, k*k) of a query tile ``q`` (B, h, t, W, D) against the flat key map ``kf``."""
-    if _fused_backward(geo, kf, q):
-        return _WindowDot.apply(kf, q, it, geo)
-    return _SlotDot.apply(_gather(kf, it, geo), q)
+def _window_dot(k, q, kf, it, geo):
+    """The window logits (B, h, t, W, k*k) of a query tile ``q`` (B, h, t, W, D) against the key map ``k``
+    (B, h, H, W, D; ``kf`` flat)."""
+    if not _per_slot(geo, q):
+        return _SlotDot.apply(_gather(kf, it, geo), q)
+    if torch.is_grad_enabled() and (k.requires_grad or q.requires_grad):
+        return _WindowDot.apply(k, q, geo)
+    return _slot_dots(geo, q, k)
 
 
-def _window_sum(p, vf, it, geo):
-    """The window outputs (B, h, t, W, Dv): the probabilities ``p`` (B, h, t, W, k*k) over the windows of ``vf``."""
-    if _fused_backward(geo, p, vf):
-        return _WindowSum.apply(p, vf, it, geo)
-    return _SlotSum.apply(p, _gather(vf, it, geo))
+def _window_sum(p, v, vf, it, geo):
+    """The window outputs (B, h, t, W, Dv): the weights ``p`` (B, h, t, W, k*k) over the windows of the value map
+    ``v`` (B, h, H, W, Dv; ``vf`` flat)."""
+    if not _per_slot(geo, v):
+        return _SlotSum.apply(p, _gather(vf, it, geo))
+    if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
+        return _WindowSum.apply(p, v, geo)
+    return _slot_sums(geo, p, v)
 
 
 class _WindowGather(torch.autograd.Function):
     """``x[:, :, it]`` whose backward is an ``index_add_`` of the window gradients (autograd's own, an
     accumulating ``index_put_``, is single-threaded on CPU; measured AMD EPYC on a TransNeXt-T stage-1 tile: 2.67
-    vs 1.57 ms). Centred windows with autograd take the fused products below instead."""
+    vs 1.57 ms). For shifted windows and half types; centred windows in full precision go one slot at a time."""
 
     @staticmethod
     def forward(ctx, x, it, geo):
@@ -139,70 +148,96 @@ class _WindowGather(torch.autograd.Function):
         return g.new_zeros(ctx.shape).index_add_(2, it.flatten(), g.flatten(2, 4)), None, None
 
 
-def _slot_scatter(geo, shape, w, x):
-    """sum over the window slots of ``w[..., slot, None] * x``, each moved onto the key its slot points at: the
-    gradient of the flat key (value) map ``shape`` (B, h, H*W, D) from a tile's window products, for centred
-    windows, where every slot is one shift of the map. One strided multiply-add per slot: the window-sized
-    product (k*k x the tile) and its scatter back (autograd's accumulating ``index_put_``, single-threaded on
-    CPU: 336 ms, 9% of a TransNeXt-T training step at batch 8) are never formed. Out-of-map slots drop out
-    (their logits are -inf: their probability and logit gradient are 0)."""
+def _slots(geo):
+    """For each window slot with a key in the map for some query of the tile: (slot, tile rows, key rows, columns,
+    key columns) as slices. Centred windows: slot a * kernel + b of query (i, j) is key (i, j) + dilation *
+    (a - c, b - c), one shift of the map for every query; out-of-map keys are left out (their logits are -inf,
+    their probability 0)."""
     r0, r1, H, W, kernel, dilation, _ = geo
-    B, h, L, D = shape
-    out = x.new_zeros(B, h, H, W, D)
-    w = w.to(x.dtype)
     c = kernel // 2
-    for a in range(kernel):          # slot a * kernel + b: key = query + dilation * (a - c, b - c)
+    for a in range(kernel):
         dy = dilation * (a - c)
         i0, i1 = max(r0, -dy), min(r1, H - dy)     # tile rows whose key row is in the map
         for b in range(kernel):
             dx = dilation * (b - c)
             j0, j1 = max(0, -dx), min(W, W - dx)
             if i0 < i1 and j0 < j1:
-                out[:, :, i0 + dy:i1 + dy, j0 + dx:j1 + dx].addcmul_(
-                    w[:, :, i0 - r0:i1 - r0, j0:j1, a * kernel + b, None], x[:, :, i0 - r0:i1 - r0, j0:j1])
-    return out.view(B, h, L, D)
+                yield (a * kernel + b, slice(i0 - r0, i1 - r0), slice(i0 + dy, i1 + dy), slice(j0, j1),
+                       slice(j0 + dx, j1 + dx))
+
+
+# Window products one slot (one map shift) at a time, for centred windows: no k*k-times gathered copy of the keys /
+# values (the gathers were 19% of TransNeXt-T's forward at batch 4, at ~2 GB/s, and the batched (1 x 9) @ (9 x 24)
+# matmuls another 6%), and gradients summed onto the map by strided multiply-adds (autograd's backward of the
+# gathers, an accumulating index_put_, is single-threaded on CPU: 9% of a TransNeXt-T training step at batch 8).
+# Measured AMD EPYC, logits + outputs of a TransNeXt-T stage-3 tile at batch 4 (4, 12, 14 x 14, 3x3, d24): gathers
+# and batched matmuls 2.75 ms, per slot 1.07 ms.
+
+def _slot_dots(geo, x, m):
+    """(B, h, t, W, k*k): each tile query's (``x``) dot product with its window slots' entries of the map ``m``
+    (B, h, H, W, D); 0 on out-of-map slots."""
+    s = x.new_zeros(*x.shape[:-1], geo[4] ** 2)
+    for slot, ti, mi, tj, mj in _slots(geo):
+        s[:, :, ti, tj, slot] = torch.linalg.vecdot(x[:, :, ti, tj], m[:, :, mi, mj])
+    return s
+
+
+def _slot_sums(geo, w, m):
+    """(B, h, t, W, D): each tile query's sum over its window slots of ``w[..., slot]`` times the slot's entry of
+    the map ``m`` (B, h, H, W, D)."""
+    out = m.new_zeros(*w.shape[:-1], m.shape[-1])
+    w = w.to(m.dtype)
+    for slot, ti, mi, tj, mj in _slots(geo):
+        out[:, :, ti, tj].addcmul_(w[:, :, ti, tj, slot, None], m[:, :, mi, mj])
+    return out
+
+
+def _slot_scatter(geo, w, x, shape):
+    """The map ``shape`` (B, h, H, W, D) holding, at every key, the sum of ``w[..., slot] * x[query]`` over the tile
+    queries and slots that point at it (the transpose of :func:`_slot_sums`)."""
+    out = x.new_zeros(shape)
+    w = w.to(x.dtype)
+    for slot, ti, mi, tj, mj in _slots(geo):
+        out[:, :, mi, mj].addcmul_(w[:, :, ti, tj, slot, None], x[:, :, ti, tj])
+    return out
 
 
 class _WindowDot(torch.autograd.Function):
-    """``kf[:, :, it] @ q`` per query (the window logits, as ``_SlotDot`` of the gathered windows), whose key
-    gradient is :func:`_slot_scatter` of the logit gradient and the queries (centred windows)."""
+    """Window logits of a tile's queries ``q`` against the key map ``k`` (:func:`_slot_dots`); gradients in the
+    same per-slot form: the queries' :func:`_slot_sums`, the keys' :func:`_slot_scatter` of the logit gradient."""
 
     @staticmethod
-    def forward(ctx, kf, q, it, geo):
-        kg = kf[:, :, it]
-        ctx.save_for_backward(kg, q)
-        ctx.geo, ctx.shape = geo, kf.shape
-        return (kg @ q.unsqueeze(-1)).squeeze(-1)
+    def forward(ctx, k, q, geo):
+        ctx.save_for_backward(k, q)
+        ctx.geo = geo
+        return _slot_dots(geo, q, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        kg, q = ctx.saved_tensors
-        g = g.to(kg.dtype)
-        gk = _slot_scatter(ctx.geo, ctx.shape, g, q) if ctx.needs_input_grad[0] else None
-        gq = (g.unsqueeze(-2) @ kg).squeeze(-2) if ctx.needs_input_grad[1] else None
-        return gk, gq, None, None
+        k, q = ctx.saved_tensors
+        gk = _slot_scatter(ctx.geo, g, q, k.shape) if ctx.needs_input_grad[0] else None
+        gq = _slot_sums(ctx.geo, g, k) if ctx.needs_input_grad[1] else None
+        return gk, gq, None
 
 
 class _WindowSum(torch.autograd.Function):
-    """``p @ vf[:, :, it]`` per query (the window outputs, as ``_SlotSum``), whose value gradient is
-    :func:`_slot_scatter` of the probabilities and the output gradient (centred windows)."""
+    """Window outputs, the weights ``p`` over the value map ``v`` (:func:`_slot_sums`); gradients: the weights'
+    :func:`_slot_dots` of the output gradient, the values' :func:`_slot_scatter`."""
 
     @staticmethod
-    def forward(ctx, p, vf, it, geo):
-        vg = vf[:, :, it]
-        ctx.save_for_backward(p, vg)
-        ctx.geo, ctx.shape = geo, vf.shape
-        return (p.unsqueeze(-2) @ vg).squeeze(-2)
+    def forward(ctx, p, v, geo):
+        ctx.save_for_backward(p, v)
+        ctx.geo = geo
+        return _slot_sums(geo, p, v)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        p, vg = ctx.saved_tensors
-        g = g.to(vg.dtype)
-        gp = (vg @ g.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[0] else None
-        gv = _slot_scatter(ctx.geo, ctx.shape, p, g) if ctx.needs_input_grad[1] else None
-        return gp, gv, None, None
+        p, v = ctx.saved_tensors
+        gp = _slot_dots(ctx.geo, g, v) if ctx.needs_input_grad[0] else None
+        gv = _slot_scatter(ctx.geo, p, g, v.shape) if ctx.needs_input_grad[1] else None
+        return gp, gv, None
 
 
 def _tile_gather(x, rows, cols):
@@ -285,10 +320,10 @@ class _SlotSum(torch.autograd.Function):
 _LSE_SDPA = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
-def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None):
-    """One query tile: window logits s (B, h, t, W, k*k) and gathered values vg, extra keys through
-    SDPA (output + log-sum-exp), merged as one softmax; window weights ww added to the window
-    probabilities."""
+def _merge_extra(qt, s, window_sum, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None):
+    """One query tile: window logits s (B, h, t, W, k*k) and ``window_sum`` (weights -> the weighted sums of the
+    windows' values), extra keys through SDPA (output + log-sum-exp), merged as one softmax; window weights ww added
+    to the window probabilities."""
     B, h, t, W, D = qt.shape
     mask = None if extra_bias is None else G.bias_rows(extra_bias, r0, r1).flatten(2, 3).to(qt.dtype)
     o_e, lse = _LSE_SDPA(qt.flatten(2, 3), extra_k, extra_v, 0.0, False, attn_mask=mask, scale=scale)
@@ -298,11 +333,10 @@ def _merge_extra(qt, s, vg, extra_k, extra_v, extra_bias, r0, r1, scale, ww=None
     a_e = torch.exp(lse - m)
     ct = torch.promote_types(qt.dtype, torch.float32)      # (half types merge in float32, float64 stays)
     if ww is None:
-        o = (a.unsqueeze(-2).to(vg.dtype) @ vg).squeeze(-2).to(ct) + a_e * o_e.view(B, h, t, W, -1).to(ct)
+        o = window_sum(a).to(ct) + a_e * o_e.view(B, h, t, W, -1).to(ct)
         return (o / (a.sum(-1, keepdim=True) + a_e)).to(qt.dtype)
     inv = 1.0 / (a.sum(-1, keepdim=True) + a_e)
-    pw = (a * inv + ww).to(vg.dtype)
-    return ((pw.unsqueeze(-2) @ vg).squeeze(-2).to(ct) + (a_e * inv) * o_e.view(B, h, t, W, -1).to(ct)).to(qt.dtype)
+    return (window_sum(a * inv + ww).to(ct) + (a_e * inv) * o_e.view(B, h, t, W, -1).to(ct)).to(qt.dtype)
 
 
 def _dilated(q, k, v, kernel, dilation, rpb, scale, border):
