@@ -116,7 +116,7 @@ def _window_dot(k, q, kf, it, geo):
     if not _per_slot(geo, q):
         return _SlotDot.apply(_gather(kf, it, geo), q)
     if torch.is_grad_enabled() and (k.requires_grad or q.requires_grad):
-        return _WindowDot.apply(k, q, geo)
+        return _SlotProduct.apply(q, k, geo, True)
     return _slot_dots(geo, q, k)
 
 
@@ -126,7 +126,7 @@ def _window_sum(p, v, vf, it, geo):
     if not _per_slot(geo, v):
         return _SlotSum.apply(p, _gather(vf, it, geo))
     if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
-        return _WindowSum.apply(p, v, geo)
+        return _SlotProduct.apply(p, v, geo, False)
     return _slot_sums(geo, p, v)
 
 
@@ -202,42 +202,28 @@ def _slot_scatter(geo, w, x, shape):
     return out
 
 
-class _WindowDot(torch.autograd.Function):
-    """Window logits of a tile's queries ``q`` against the key map ``k`` (:func:`_slot_dots`); gradients in the
-    same per-slot form: the queries' :func:`_slot_sums`, the keys' :func:`_slot_scatter` of the logit gradient."""
+class _SlotProduct(torch.autograd.Function):
+    """A tile's window products with a map ``m`` (B, h, H, W, D), one slot at a time: with ``dot``, the logits
+    (:func:`_slot_dots`) of the tile's queries ``a`` (B, h, t, W, D); else the outputs (:func:`_slot_sums`) of
+    the weights ``a`` (B, h, t, W, k*k). Gradients in the same per-slot form: the tile operand's by the other of
+    the two, the map's by :func:`_slot_scatter`."""
 
     @staticmethod
-    def forward(ctx, k, q, geo):
-        ctx.save_for_backward(k, q)
-        ctx.geo = geo
-        return _slot_dots(geo, q, k)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        k, q = ctx.saved_tensors
-        gk = _slot_scatter(ctx.geo, g, q, k.shape) if ctx.needs_input_grad[0] else None
-        gq = _slot_sums(ctx.geo, g, k) if ctx.needs_input_grad[1] else None
-        return gk, gq, None
-
-
-class _WindowSum(torch.autograd.Function):
-    """Window outputs, the weights ``p`` over the value map ``v`` (:func:`_slot_sums`); gradients: the weights'
-    :func:`_slot_dots` of the output gradient, the values' :func:`_slot_scatter`."""
-
-    @staticmethod
-    def forward(ctx, p, v, geo):
-        ctx.save_for_backward(p, v)
-        ctx.geo = geo
-        return _slot_sums(geo, p, v)
+    def forward(ctx, a, m, geo, dot):
+        ctx.save_for_backward(a, m)
+        ctx.geo, ctx.dot = geo, dot
+        return _slot_dots(geo, a, m) if dot else _slot_sums(geo, a, m)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        p, v = ctx.saved_tensors
-        gp = _slot_dots(ctx.geo, g, v) if ctx.needs_input_grad[0] else None
-        gv = _slot_scatter(ctx.geo, p, g, v.shape) if ctx.needs_input_grad[1] else None
-        return gp, gv, None
+        a, m = ctx.saved_tensors
+        ga = gm = None
+        if ctx.needs_input_grad[0]:
+            ga = (_slot_sums if ctx.dot else _slot_dots)(ctx.geo, g, m)
+        if ctx.needs_input_grad[1]:
+            gm = _slot_scatter(ctx.geo, *((g, a) if ctx.dot else (a, g)), m.shape)
+        return ga, gm, None, None
 
 
 def _tile_gather(x, rows, cols):
