@@ -29,9 +29,8 @@ def _bn_affine(bn: nn.BatchNorm2d):
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    # (one op for the shift: the fold runs per conv per eval forward, where a few us an op add up)
+    shift = -bn.running_mean * scale if bn.bias is None else torch.addcmul(bn.bias, bn.running_mean, scale, value=-1)
     return scale, shift
 
 
