@@ -146,6 +146,19 @@ def test_official_reference_memory_sweep_and_plots(fake_nat_repo, tmp_path, caps
         assert png.read_bytes()[:8] == PNG and 'plots: wrote' in err
 
 
+def test_official_reference_outside_its_cpu_dtypes_is_not_run(fake_nat_repo, capsys):
+    """NATTEN's CPU kernels end the process on bf16 (a C++ exit, nothing to catch): in a bf16 run the official NAT
+    is not built or timed (its columns show -, stderr says why) and the zoo model is still timed."""
+    assert benchmark.main(['--model', 'mz_nat_mini', *TINY, '--no-backward', '--official-repo',
+                           f'nat={fake_nat_repo}', '--no-page', '--dtype', 'bf16']) == 0
+    out, err = capsys.readouterr()
+    r = table(out)['mz_nat_mini']
+    assert number(r['img/s']) and number(r['x_fp32']) and r['ref_img/s'] == '-' and r['ratio'] == '-'
+    assert ('mz_nat_mini: the official model is not timed: its code runs in float32 / float64 only on CPU '
+            '(tools/official/nat.py), not bfloat16') in err
+    assert 'nat' not in sys.modules     # (the checkout was not imported)
+
+
 def test_bad_official_repo_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(['--model', 'mz_nat_mini', '--official-repo', f'nosuch={tmp_path}', '--no-page'])

@@ -402,6 +402,14 @@ def memory_rows(names, sides, official, device, progress):
     return rows
 
 
+def official_unsupported(family, recipe, args):
+    """Why the official model cannot run in this run's dtype on this device (its recipe's CPU_DTYPES), or None."""
+    dtypes = getattr(recipe, 'CPU_DTYPES', None)
+    if args.device.split(':')[0] == 'cpu' and dtypes and args.dtype not in dtypes:
+        return f'its code runs in {" / ".join(dtypes)} only on CPU (tools/official/{family}.py), not {args.dtype}'
+    return None
+
+
 def official_failed(name, e):
     print(f'{name}: the official model was not built or did not run ({type(e).__name__}: {e}); its columns show -',
           file=sys.stderr, flush=True)
@@ -578,10 +586,15 @@ def speed(name, info, size, args, official):
         zoo = timm.create_model(name)
         zoo.load_state_dict(ref.state_dict())
     elif info.family in official:
-        try:
-            ref, zoo = official_bench.pair(*official[info.family], name, size)
-        except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
-            official_failed(name, e)
+        why_not = official_unsupported(info.family, official[info.family][0], args)
+        if why_not:
+            print(f'{name}: the official model is not timed: {why_not}; its columns show -', file=sys.stderr,
+                  flush=True)
+        else:
+            try:
+                ref, zoo = official_bench.pair(*official[info.family], name, size)
+            except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
+                official_failed(name, e)
     if ref is None:
         zoo = timm.create_model(name)
     models = {'zoo': zoo.eval().to(args.device)}

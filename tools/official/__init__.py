@@ -7,6 +7,9 @@ repository (``<family>.py``). A recipe declares
                                     sizes=[(H, W), ...], batch=N)}
     build_official(repo, official_kwargs, size) -> the official nn.Module, imported from the work tree
                 at ``repo`` (built for ``size`` where the official model is tied to one input size)
+and may declare
+
+    CPU_DTYPES  the dtypes the official code runs in on CPU, where others would end the process (default: any)
 
 tools/make_official_fixture.py writes tests/fixtures/<fixture name>.safetensors from a recipe;
 tests/test_official_fixtures.py loads every declared fixture through the zoo's converter. Recipes import

@@ -16,6 +16,7 @@ _spec.loader.exec_module(_nat)
 
 REPO = _nat.REPO
 WRAPPER = _nat.WRAPPER
+CPU_DTYPES = _nat.CPU_DTYPES
 
 _MINI = dict(depths=[2, 2, 2, 1], num_heads=[1, 1, 2, 4], embed_dim=16, mlp_ratio=3.,
              dilations=[[1, 8], [1, 4], [1, 2], [1]], num_classes=16)
