@@ -39,9 +39,10 @@ def test_window_covering_the_map_is_full_attention(backend, border, kernel):
 @pytest.mark.parametrize('extra,tiles', [(False, 'tokens'), (True, 'tokens'), (True, 'bytes')])
 def test_torch_backend_across_tiles(monkeypatch, border, dilation, kernel, extra, tiles):
     """Both paths of the torch backend cut the map into many pieces and still equal the reference, forward and
-    backward: query-row tiles of the gathered path (extra keys; its window gradients summed back by shifted adds for
-    centred windows, by index_add for shifted ones), query tiles, their key regions (clamped at the far edges) and
-    chunks of tile rows of the blocked path, dilation groups of two lengths (17 = 3 * 6 - 1)."""
+    backward: query-row tiles of the path with extra keys (centred windows: products one slot at a time, gradients
+    by strided multiply-adds; shifted windows: gathered, an index_add backward), query tiles, their key regions
+    (clamped at the far edges; gradients by slice adds) and chunks of tile rows of the blocked path, dilation groups
+    of two lengths (17 = 3 * 6 - 1)."""
     from mixzoo.ops.neighborhood import eager as nb_torch
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 17, 13, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
