@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp
 
-from .ops._dispatch import tracing
+from .ops._dispatch import records_grad, tracing
 from .ops.window import pad_to_multiple
 
 from ._builder import register_family
@@ -62,7 +62,7 @@ class GELU(nn.GELU):
     hidden map is its largest activation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tracing() or (torch.is_grad_enabled() and x.requires_grad):
+        if tracing() or records_grad(x):
             return super().forward(x)
         return torch.ops.aten.gelu_(x)
 

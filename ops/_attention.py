@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpu
-from ._dispatch import tracing
+from ._dispatch import records_grad, tracing
 
 __all__ = ['attention', 'chunked', 'matmul_preferred']
 
@@ -34,7 +34,7 @@ def _matmul_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
         return False
     if mask is not None and not mask.is_floating_point():
         return False   # (a boolean mask: SDPA's)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+    if records_grad(q, k, v, mask):
         return False
     return matmul_preferred(q)
 

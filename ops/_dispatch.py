@@ -44,8 +44,7 @@ class Call:
 
     @staticmethod
     def of(t: torch.Tensor, *others: Optional[torch.Tensor], head_dim: Optional[int] = None, **sizes: int) -> 'Call':
-        grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (t,) + others)
-        return Call(t.device.type, t.dtype, head_dim, grad, tuple(sorted(sizes.items())))
+        return Call(t.device.type, t.dtype, head_dim, records_grad(t, *others), tuple(sorted(sizes.items())))
 
 
 def _fmt_dtypes(dtypes: Sequence[torch.dtype]) -> str:
@@ -337,6 +336,12 @@ def tracing() -> bool:
     for the traceable ones."""
     return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+
+
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Autograd records a graph through one of ``tensors`` (None entries allowed): inference-only paths (in-place
+    writes, kernels without a backward, measured inference routes) must step aside."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def symbolic(*sizes) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpu
-from ._dispatch import tracing
+from ._dispatch import records_grad, tracing
 
 ENV = 'MIXZOO_ONEDNN_LINEAR'
 _ENV_VALUE = os.environ.get(ENV)                # read once, at import
@@ -68,7 +68,7 @@ def _inference_dtype(x: torch.Tensor, *params: Optional[torch.Tensor]) -> Option
         return None   # compilers have their own CPU GEMM lowering; traced graphs keep the plain ops
     if x.device.type != 'cpu' or _off_reason() is not None:
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + params):
+    if records_grad(x, *params):
         return None   # training: the 1x1 conv's backward is slower than sgemm's (see linear())
     if torch.is_autocast_enabled('cpu'):
         return torch.bfloat16 if autocast_bf16(x) else None

@@ -29,6 +29,7 @@ oneDNN for the batched products (8x slower).
 import torch
 import torch.nn.functional as F
 
+from .._dispatch import records_grad
 from .._onednn import linear
 from . import geometry as G
 
@@ -119,8 +120,7 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
     BH, nq = B * h, bq * bq
     # inference writes into reused buffers (out=); under torch.compile that is a graph break, and
     # inductor plans the memory itself, so compiled code takes the functional path
-    inplace = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w)))
+    inplace = not torch.compiler.is_compiling() and not records_grad(q, k, v, rel_h, rel_w)
     Qb = _query_blocks(q, bq, nbh, nbw)                                  # (nbh, nbw, BH, nq, D)
     rel = _rel_tables(Qb, rel_h, rel_w, bq, win) if rel_h is not None else None
     rows, cols = _spans(nbh, block, halo, H), _spans(nbw, block, halo, W)

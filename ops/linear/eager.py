@@ -13,14 +13,14 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import empty
+from .._dispatch import empty, records_grad
 
 
 def linear_attention(q, k, v, temperature: Optional[torch.Tensor] = None, clamp_min: float = 100.) -> torch.Tensor:
     """Two batched matmuls: the (D, Dv + 1) state [t K^T V | sum k], then queries x state
     (numerator and normaliser in one product)."""
     dtype = q.dtype
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, temperature))
+    grad = records_grad(q, k, v, temperature)
     if dtype == torch.float16 or dtype == torch.bfloat16 and grad:
         q, k, v = q.float(), k.float(), v.float()
     Dv = v.shape[-1]

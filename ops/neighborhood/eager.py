@@ -22,7 +22,7 @@ has no gradient for the log-sum-exp, so training takes the explicit path.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._dispatch import symbolic, tracing
+from .._dispatch import records_grad, symbolic, tracing
 from . import geometry as G
 
 TILE_TOKENS = 4096     # queries per tile (gathered path)
@@ -62,9 +62,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     # gradients and which runs elsewhere; ONNX export failed on it)
     fused = (extra_k is not None and q.device.type == 'cpu' and _LSE_SDPA is not None and Dv == D   # (kernel's rule)
              and not torch.compiler.is_exporting()
-             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                      for t in (q, k, v, rpb, extra_k, extra_v, extra_bias,
-                                                                window_weights))))
+             and not records_grad(q, k, v, rpb, extra_k, extra_v, extra_bias, window_weights))
     if window_weights is not None:          # out-of-map slots gather a clamped key: their weight must be 0
         window_weights = window_weights * valid.to(window_weights.dtype)
     if sym:     # (the whole map one tile: a tile count would be a guard on the size)
@@ -100,7 +98,7 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
 
 def _gather(x, it, geo):
     """``x[:, :, it]``: one query tile's windows (B, h, t, W, k*k, D) of the flat map ``x`` (B, h, H*W, D)."""
-    if torch.is_grad_enabled() and x.requires_grad and not tracing():
+    if records_grad(x) and not tracing():
         return _WindowGather.apply(x, it, geo)
     return x[:, :, it]
 
@@ -117,7 +115,7 @@ def _window_dot(k, q, kf, it, geo):
     (B, h, H, W, D; ``kf`` flat)."""
     if not _per_slot(geo, q):
         return _SlotDot.apply(_gather(kf, it, geo), q)
-    if torch.is_grad_enabled() and (k.requires_grad or q.requires_grad):
+    if records_grad(k, q):
         return _SlotProduct.apply(q, k, geo, True)
     return _slot_dots(geo, q, k)
 
@@ -127,7 +125,7 @@ def _window_sum(p, v, vf, it, geo):
     ``v`` (B, h, H, W, Dv; ``vf`` flat)."""
     if not _per_slot(geo, v):
         return _SlotSum.apply(p, _gather(vf, it, geo))
-    if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
+    if records_grad(p, v):
         return _SlotProduct.apply(p, v, geo, False)
     return _slot_sums(geo, p, v)
 
@@ -231,7 +229,7 @@ class _SlotProduct(torch.autograd.Function):
 def _tile_gather(x, rows, cols):
     """``x[:, :, rows, cols]`` (x (P, h, H, W, D); rows (n, 1, r, 1), cols (1, m, 1, c)): tiles or key regions
     (P, h, n, m, r, c, D) of the blocked path."""
-    if torch.is_grad_enabled() and x.requires_grad and not tracing():
+    if records_grad(x) and not tracing():
         return _TileGather.apply(x, rows, cols)
     return x[:, :, rows, cols]
 
