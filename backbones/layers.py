@@ -275,9 +275,10 @@ class FoldedConvNormAct(ConvNormAct):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bn_foldable(x, self.bn):
             return super().forward(x)
+        w, b = conv_bn_folded(self.conv, self.bn)
         if isinstance(self.bn.drop, nn.Identity) or not self.bn.drop.training:   # (no dropout between them)
-            x = conv_act_forward(self.conv, x, *conv_bn_folded(self.conv, self.bn), self.bn.act)
+            x = conv_act_forward(self.conv, x, w, b, self.bn.act)
         else:
-            x = self.bn.act(self.bn.drop(conv_forward(self.conv, x, *conv_bn_folded(self.conv, self.bn))))
+            x = self.bn.act(self.bn.drop(conv_forward(self.conv, x, w, b)))
         aa = getattr(self, 'aa', None)
         return aa(x) if aa is not None else x
