@@ -398,7 +398,7 @@ def memory_rows(names, sides, official, device, progress):
                     memory_key(s): official_bench.forward_peak_mb(
                         official_bench.build(*official[family], name, (s, s)).to(device), s, device) for s in sides}})
             except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
-                official_failed(name, e)
+                official_not_timed(name, f'was not built or did not run ({type(e).__name__}: {e})')
     return rows
 
 
@@ -410,9 +410,8 @@ def official_unsupported(family, recipe, args):
     return None
 
 
-def official_failed(name, e):
-    print(f'{name}: the official model was not built or did not run ({type(e).__name__}: {e}); its columns show -',
-          file=sys.stderr, flush=True)
+def official_not_timed(name, why):
+    print(f'{name}: the official model {why}; its columns show -', file=sys.stderr, flush=True)
 
 
 def plot_lines(page, key, args, rows, mem_rows, sides):
@@ -588,13 +587,12 @@ def speed(name, info, size, args, official):
     elif info.family in official:
         why_not = official_unsupported(info.family, official[info.family][0], args)
         if why_not:
-            print(f'{name}: the official model is not timed: {why_not}; its columns show -', file=sys.stderr,
-                  flush=True)
+            official_not_timed(name, f'is not timed: {why_not}')
         else:
             try:
                 ref, zoo = official_bench.pair(*official[info.family], name, size)
             except Exception as e:  # noqa: BLE001 - the user's checkout and its dependencies
-                official_failed(name, e)
+                official_not_timed(name, f'was not built or did not run ({type(e).__name__}: {e})')
     if ref is None:
         zoo = timm.create_model(name)
     models = {'zoo': zoo.eval().to(args.device)}
