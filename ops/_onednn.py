@@ -52,7 +52,8 @@ def state() -> Tuple[bool, str]:
     return True, (f'on on this CPU ({_cpu.explain("linear")}): {env}; fp32 CPU inference linears (every zoo model\'s '
                   'nn.Linear, via mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
                   'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; '
-                  f'{bf16}; autograd, GPU, other dtypes and tracing / torch.compile take F.linear; {ENV}=0 turns it off')
+                  f'{bf16}; autograd, GPU, other dtypes and tracing / torch.compile take F.linear; '
+                  f'{ENV}=0 turns it off')
 
 
 def autocast_bf16(x: torch.Tensor) -> bool:
@@ -120,7 +121,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     Why: torch's CPU wheels link MKL, whose sgemm takes a slow code path on AMD CPUs; oneDNN picks
     AVX-512 there. Whether it wins is measured on each CPU (``ops._cpu`` choice ``linear``: ``onednn`` or
-    ``blas``, timed on the zoo's MLP shapes; ``MIXZOO_CPU=linear:blas`` forces F.linear). Measured on this project's CI machine (2-core AMD EPYC with AVX-512), best of 20:
+    ``blas``, timed on the zoo's MLP shapes; ``MIXZOO_CPU=linear:blas`` forces F.linear). Measured on this
+    project's CI machine (2-core AMD EPYC with AVX-512), best of 20:
     (1568 x 384) @ (384 x 1536) 8.34 -> 3.98 ms, (25088 x 384) @ (384 x 96) 10.3 -> 4.4 ms; results equal
     to F.linear within 1.2e-6 relative. Inference only: with autograd the convolution's backward measured
     1.07-1.4x slower than F.linear's (TransNeXt-T shapes, e.g. (25088 x 72) @ (72 x 768) fwd+bwd 730 vs

@@ -21,7 +21,8 @@ def fresh(monkeypatch, tmp_path):
 
 
 def test_a_near_tie_keeps_the_first_option(fresh, monkeypatch):
-    monkeypatch.setitem(_cpu._CHOICES, 'tie', _cpu.Choice('tie', ('a', 'b'), lambda: {'a': 1.03e-3, 'b': 1e-3}, 'a tie'))
+    monkeypatch.setitem(_cpu._CHOICES, 'tie',
+                        _cpu.Choice('tie', ('a', 'b'), lambda: {'a': 1.03e-3, 'b': 1e-3}, 'a tie'))
     assert _cpu.choice('tie') == 'a'
 
 
