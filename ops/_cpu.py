@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -179,14 +179,26 @@ def retune() -> None:
         decision(name, retune=True)
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], reps: int = 5) -> Dict[str, float]:
-    """Best-of-``reps`` seconds of each option, the options taking turns (a load change hits all alike)."""
-    for fn in fns.values():
+def interleaved(fns: Dict[str, Callable[[], object]], reps: int = 5, warmup: bool = True,
+                sync: Optional[Callable[[], None]] = None,
+                rounds: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+    """Best-of-``reps`` seconds of each option, the options taking turns (a load change hits all alike), after one
+    warm-up call each (``warmup``). ``sync`` (a device synchronisation) runs before the clock starts and after the
+    call, before it stops: the call's queued device work is timed. Each round's seconds are appended to ``rounds``
+    when given (tools/opbench.py times with this too)."""
+    for fn in fns.values() if warmup else ():
         fn()
     best = {k: float('inf') for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            if sync is not None:
+                sync()
             t = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t)
+            if sync is not None:
+                sync()
+            dt = time.perf_counter() - t
+            best[k] = min(best[k], dt)
+            if rounds is not None:
+                rounds.setdefault(k, []).append(dt)
     return best

@@ -9,13 +9,12 @@ allocation events report during the call, less the total before it (memory alive
 import os
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional
 
 import torch
 
-from mixzoo.ops import _dispatch
+from mixzoo.ops import _cpu, _dispatch
 
 
 @contextmanager
@@ -61,22 +60,12 @@ def peak_mb(fn: Callable, device: str) -> float:
 
 def best_time(fns: Dict[str, Callable], reps: int, device: str, warmup: bool = True,
               medians: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """Best seconds of each callable over ``reps`` interleaved rounds (one warm-up call each first);
-    the medians go into ``medians`` when given."""
-    best = {k: float('inf') for k in fns}
+    """Best seconds of each callable over ``reps`` interleaved rounds (one warm-up call each first; the zoo's
+    own timing loop, ``ops._cpu.interleaved``, with the device synchronised around each call); the medians go into
+    ``medians`` when given."""
     times = {k: [] for k in fns}
-    for f in fns.values() if warmup else ():
-        f()
-    for _ in range(reps):
-        for k, f in fns.items():
-            if device == 'cuda':
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            f()
-            if device == 'cuda':
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
-            best[k] = min(best[k], times[k][-1])
+    best = _cpu.interleaved(fns, reps, warmup=warmup, sync=torch.cuda.synchronize if device == 'cuda' else None,
+                            rounds=times)
     if medians is not None:
         medians.update({k: statistics.median(v) for k, v in times.items()})
     return best
