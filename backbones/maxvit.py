@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import (BatchNormAct2d, DropPath, GELUTanh, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead,
+from timm.layers import (BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d, Mlp, NormMlpClassifierHead,
                          SEModule, create_conv2d, make_divisible, resize_rel_pos_bias_table,
                          to_2tuple)
 
 from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import SWIN_DENSE, Dense, Family, variant
-from .layers import bn_foldable, conv_act_forward, conv_bn_folded, conv_forward, drop_path_rates, pad_same
+from .layers import GELUTanh, bn_foldable, conv_act_forward, conv_bn_folded, conv_forward, drop_path_rates, pad_same
 from .mixers import PartitionAttention
 
 __all__ = ['MaxVit']

@@ -1,7 +1,7 @@
 """Small C kernels for CPU, compiled on first use and loaded through ctypes.
 
 A kernel is one C file beside its op (e.g. ``ops/halo/halo_cpu.c``), plain C with GCC vector
-extensions and OpenMP, no Python or torch headers: it compiles in about a second, where a torch C++
+extensions (the shared helpers in ``ops/_vec.h``) and OpenMP, no Python or torch headers: it compiles in about a second, where a torch C++
 extension needs minutes and a matching toolchain. The shared object is cached under
 ``$MIXZOO_CACHE/native`` (default ``~/.cache/mixzoo/native``), keyed on the source, the compiler,
 its flags and the CPU (``-march=native``), so a new machine or an edited kernel rebuilds.
@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -58,6 +59,15 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _source(src: Path) -> bytes:
+    """The kernel's text with the local headers it includes (``#include "../_vec.h"``): the cache key, so that
+    editing a shared header rebuilds every kernel using it."""
+    code = src.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', code, re.M):
+        code += b'\0' + (src.parent / name.decode()).read_bytes()
+    return code
+
+
 def _build(src: Path, native_arch: bool) -> Path:
     cc = os.environ.get('CC') or 'cc'
     if shutil.which(cc) is None:
@@ -66,7 +76,7 @@ def _build(src: Path, native_arch: bool) -> Path:
         version = _run([cc, '--version'], timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f'C compiler {cc!r} does not run: {e}') from None
-    code = src.read_bytes()
+    code = _source(src)
     errors = []
     for arch in ((ARCH, []) if native_arch else ([],)):   # -march=native where the compiler knows it
         flags = FLAGS + arch

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dispatch import records_grad, tracing
+from .gelu import gelu_tanh
 
 ENV = 'MIXZOO_ONEDNN_LINEAR'
 _ENV_VALUE = os.environ.get(ENV)                # read once, at import
@@ -111,7 +112,7 @@ def activation(x: torch.Tensor, act: Optional[str]) -> torch.Tensor:
     """The post-op ``act`` in torch (the path every unfused call takes)."""
     if act is None:
         return x
-    return F.gelu(x, approximate='tanh' if act == 'gelu_tanh' else 'none')
+    return gelu_tanh(x) if act == 'gelu_tanh' else F.gelu(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

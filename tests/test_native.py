@@ -127,6 +127,19 @@ def test_switch_and_build_failures_give_reasons(monkeypatch, tmp_path):
     assert list((tmp_path / 'native').glob('good_kernel-*.so'))   # cached under MIXZOO_CACHE
 
 
+def test_editing_an_included_header_rebuilds(monkeypatch, tmp_path):
+    """The cache key holds the local headers a kernel includes (ops/_vec.h): an edited header is a new build."""
+    monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
+    (tmp_path / 'k.h').write_text('#define ANSWER 1\n')
+    src = tmp_path / 'k.c'
+    src.write_text('#include "k.h"\nint mz_answer(void) { return ANSWER; }\n')
+    assert _native.load(src).mz_answer() == 1
+    (tmp_path / 'k.h').write_text('#define ANSWER 2\n')
+    monkeypatch.setattr(_native, '_CACHE', {})   # a new process
+    assert _native.load(src).mz_answer() == 2
+    assert len(list((tmp_path / 'native').glob('k-*.so'))) == 2
+
+
 def test_jit_trace_records_the_traceable_path():
     """A ctypes call is invisible to torch.jit.trace (its output would be baked in as a constant)."""
     from mixzoo.mixers import HaloAttention
