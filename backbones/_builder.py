@@ -8,7 +8,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import _pretrained
 from ._registry import Family, ModelInfo, add_family
 from ._weights import load_state_dict, prepare_state_dict, read_checkpoint, unwrap_state_dict
-from .layers import use_onednn_linears
+from .layers import use_fast_layers
 from .mixers import set_backend
 
 
@@ -77,7 +77,7 @@ def create_model(fam: Family, variant: str, pretrained: bool = False, checkpoint
             m.default_cfg = m.pretrained_cfg
     if backend is not None:
         set_backend(model, backend)
-    return use_onednn_linears(model)
+    return use_fast_layers(model)
 
 
 def base_cfg(**kwargs) -> dict:

@@ -10,6 +10,7 @@ from timm.layers.padding import pad_same as _timm_pad_same
 from .ops._dispatch import symbolic
 from .ops import _onednn
 from .ops._onednn import linear
+from .ops.dwconv import depthwise_conv2d
 from .ops.gelu import gelu_tanh
 
 
@@ -114,15 +115,30 @@ class FusedMlp(Mlp):
 _HIDDEN_BYTES, _CHUNK_BYTES = 24 << 20, 6 << 20
 
 
-def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of ``model`` (timm's Mlp and heads included) a ``Linear``, and every
-    timm Mlp on linears with a GELU a ``FusedMlp``: class switches, parameters and hooks untouched.
-    Done by the builder for every zoo model."""
+class DepthwiseConv2d(nn.Conv2d):
+    """nn.Conv2d with one filter per channel (same parameters and state dict) whose forward is
+    ``ops.depthwise_conv2d`` (a C kernel's weight gradient in CPU fp32 training)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels and m.padding_mode == 'zeros'
+            and m.padding != 'same')
+
+
+def use_fast_layers(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of ``model`` (timm's Mlp and heads included) a ``Linear``, every timm Mlp on
+    linears with a GELU a ``FusedMlp`` and every depthwise nn.Conv2d a ``DepthwiseConv2d``: class switches,
+    parameters and hooks untouched. Done by the builder for every zoo model."""
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
         elif type(m) is Mlp and isinstance(m.fc1, nn.Linear) and _post_op(m.act) is not None:
             m.__class__ = FusedMlp
+        elif _depthwise(m):
+            m.__class__ = DepthwiseConv2d
     return model
 
 
@@ -151,6 +167,8 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: t
     if isinstance(conv, Conv2dSame):
         return F.conv2d(pad_same(x, conv.kernel_size, conv.stride, conv.dilation), weight, bias, conv.stride, 0,
                         conv.dilation, conv.groups)
+    if conv.groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
+        return depthwise_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

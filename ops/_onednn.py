@@ -51,7 +51,7 @@ def state() -> Tuple[bool, str]:
     if _cpu.choice('linear') != 'onednn':
         return False, f'off on this CPU for fp32: F.linear (BLAS) chosen ({_cpu.explain("linear")}); {bf16}; {env}'
     return True, (f'on on this CPU ({_cpu.explain("linear")}): {env}; fp32 CPU inference linears (every zoo model\'s '
-                  'nn.Linear, via mixzoo.layers.use_onednn_linears, and the ops\' projections) of more than '
+                  'nn.Linear, via mixzoo.layers.use_fast_layers, and the ops\' projections) of more than '
                   'max(20480, 64 * in_features) elements run as oneDNN 1x1 convolutions; '
                   f'{bf16}; autograd, GPU, other dtypes and tracing / torch.compile take F.linear; '
                   f'{ENV}=0 turns it off')

@@ -29,7 +29,7 @@ def test_fused_mlp_equals_timms_mlp(monkeypatch, act):
     """The builder's FusedMlp: the hidden activation as the GEMM's post-op in inference, timm's Mlp otherwise."""
     torch.manual_seed(0)
     ref = Mlp(96, 384, act_layer=lambda: act).eval()
-    m = layers.use_onednn_linears(Mlp(96, 384, act_layer=lambda: act).eval())
+    m = layers.use_fast_layers(Mlp(96, 384, act_layer=lambda: act).eval())
     m.load_state_dict(ref.state_dict())
     assert type(m) is layers.FusedMlp and m.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(4, 300, 96)
@@ -50,7 +50,7 @@ def test_fused_mlp_equals_timms_mlp(monkeypatch, act):
 def test_fused_mlp_row_chunks_equal_the_whole(monkeypatch):
     """A hidden map over _HIDDEN_BYTES runs in row chunks (inference on the oneDNN route): same values."""
     torch.manual_seed(0)
-    m = layers.use_onednn_linears(Mlp(64, 256).eval())
+    m = layers.use_fast_layers(Mlp(64, 256).eval())
     x = torch.randn(3, 700, 64)
     calls = _onednn_used(monkeypatch)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_fused_mlp_row_chunks_equal_the_whole(monkeypatch):
 def test_linear_rejects_an_unknown_activation_and_relu_stays_timms():
     with pytest.raises(ValueError, match="act='relu': expected one of"):
         layers.linear(torch.randn(4, 8), torch.randn(8, 8), act='relu')
-    m = layers.use_onednn_linears(Mlp(96, 384, act_layer=nn.ReLU))   # oneDNN's ReLU post-op turns NaN into 0
+    m = layers.use_fast_layers(Mlp(96, 384, act_layer=nn.ReLU))   # oneDNN's ReLU post-op turns NaN into 0
     assert type(m) is Mlp
 
 
