@@ -21,7 +21,7 @@ setup(
     package_dir=PACKAGE_DIR,
     # C kernels are compiled on first use (ops/_native.py), so their sources ship with the package;
     # the checkpoint manifest is read with importlib.resources (mixzoo._pretrained)
-    package_data={'mixzoo.ops': ['*.h', '*/*.c'], 'mixzoo.checkpoints': ['manifest.json']},
+    package_data={'mixzoo.ops': ['*.h', '*.c', '*/*.c'], 'mixzoo.checkpoints': ['manifest.json']},
     python_requires='>=3.10',
     install_requires=[
         'torch>=2.4,<2.15',

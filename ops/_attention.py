@@ -1,15 +1,20 @@
-"""Dense attention, ``softmax(q k^T * scale + mask) v``, for the zoo's CPU inference: torch SDPA, or batched
-matmuls over chunks of the batch, whichever this CPU measured faster (``ops._cpu`` choices ``attention`` for
-fp32 and ``attention_bf16``).
+"""Dense attention, ``softmax(q k^T * scale + mask) v``, for the zoo's CPU inference: torch SDPA, batched matmuls
+over chunks of the batch, or (fp32) the fused C kernel of ``_attention_cpu.c``, whichever this CPU measured
+fastest (``ops._cpu`` choices ``attention`` for fp32 and ``attention_bf16``).
 
 Why: torch's CPU flash kernel tiles each (batch, head) row block on its own; at the zoo's short sequences (7x7
 windows, routed regions: 49-1024 keys) a batched GEMM over many heads at once keeps the matrix units busier.
 Chunks of the batch whose fp32 logits fit in ~2 MB stay in cache (one large logits tensor would not: at 512
-windows x 3 heads it was slower than SDPA). Measured on the CI machine (2-core AMD EPYC, AVX-512 + AVX512-BF16),
-best of 6, q/k/v (windows, heads, 49, 32): fp32 (512, 3) 12.1 -> 8.2 ms, (128, 6) 6.0 -> 4.2, (8, 24) 1.36 ->
-0.74; bf16 (512, 3) 14.7 -> 6.0 ms, (128, 6) 6.7 -> 2.9. Logits and softmax are fp32 (bf16 inputs: products
-accumulated in fp32, rounded once to bf16, as an unfused bf16 attention does). Autograd, other devices, other
-dtypes and traced graphs take SDPA (its fused backward)."""
+windows x 3 heads it was slower than SDPA). The C kernel goes further for fp32: per (batch, head) the packed keys
+and values stay in cache and each block of query rows is products, mask, softmax and the value product in one
+pass. Measured on the CI machine (2-core AMD EPYC, AVX-512 + AVX512-BF16), interleaved best of 6, q/k/v
+(windows, heads, 49, 32) as the mixers pass them: fp32 (512, 3) SDPA 14.1, matmul 9.6, C 6.5 ms; (128, 6) 7.1,
+5.0, 3.2 ms; (32, 12) with a relative-position bias 3.4, 2.6, 1.8 ms; bf16 (512, 3) 14.7 -> 6.0 ms (matmul),
+(128, 6) 6.7 -> 2.9. Logits and softmax are fp32 (bf16 inputs: products accumulated in fp32, rounded once to
+bf16, as an unfused bf16 attention does). Autograd, other devices, other dtypes and traced graphs take SDPA (its
+fused backward)."""
+import ctypes
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,26 +22,81 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dispatch import records_grad, tracing
+from ._native import NativeUnavailable, load
 
-__all__ = ['attention', 'chunked', 'matmul_preferred']
+__all__ = ['attention', 'chunked', 'fused', 'matmul_preferred', 'unavailable']
 
 _LOGITS_BYTES = 2 << 20
 _CHOICE = {torch.float32: 'attention', torch.bfloat16: 'attention_bf16'}
 
 
+SOURCE = Path(__file__).with_name('_attention_cpu.c')
+_MAX_KEYS, _MAX_HEAD_DIM = 4096, 256   # the C kernel's limits: its per-thread buffers stay in cache
+
+
 def matmul_preferred(q: torch.Tensor) -> bool:
-    """Whether this CPU measured batched matmuls faster than SDPA for ``q``'s dtype (CPU tensors only)."""
-    return q.device.type == 'cpu' and q.dtype in _CHOICE and _cpu.choice(_CHOICE[q.dtype]) == 'matmul'
+    """Whether this CPU measured batched matmuls (or, for fp32, the C kernel: a faster way to the same products)
+    faster than SDPA for ``q``'s dtype (CPU tensors only)."""
+    return q.device.type == 'cpu' and q.dtype in _CHOICE and _cpu.choice(_CHOICE[q.dtype]) != 'sdpa'
 
 
-def _matmul_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    if tracing() or q.dim() != 4:
-        return False
+def _library() -> ctypes.CDLL:
+    lib = load(SOURCE)
+    fn = lib.mz_attention_forward
+    if fn.argtypes is None:   # first use of this library
+        P, S, I = ctypes.c_void_p, ctypes.POINTER(ctypes.c_long), ctypes.c_int
+        fn.argtypes = [P, S] * 5 + [I] * 6 + [ctypes.c_float, I]
+        fn.restype = I
+    return lib
+
+
+def unavailable() -> Optional[str]:
+    """Why the C kernel cannot run here (None if it can); builds it on first call."""
+    try:
+        _library()
+        return None
+    except NativeUnavailable as e:
+        return str(e)
+
+
+def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
+    """'c', 'matmul' or 'sdpa' for this inference call."""
+    if tracing() or q.dim() != 4 or q.device.type != 'cpu':
+        return 'sdpa'
     if mask is not None and not mask.is_floating_point():
-        return False   # (a boolean mask: SDPA's)
-    if records_grad(q, k, v, mask):
-        return False
-    return matmul_preferred(q)
+        return 'sdpa'   # (a boolean mask: SDPA's)
+    if records_grad(q, k, v, mask) or q.dtype not in _CHOICE:
+        return 'sdpa'
+    option = _cpu.choice(_CHOICE[q.dtype])
+    if option == 'c' and not (all(t.dtype == torch.float32 for t in (q, k, v)) and k.shape[-2] <= _MAX_KEYS
+                              and max(q.shape[-1], v.shape[-1]) <= _MAX_HEAD_DIM
+                              and (mask is None or mask.dtype == torch.float32) and unavailable() is None):
+        return 'matmul'
+    return option
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_long * 4)(*t.stride())
+
+
+def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+          scale: Optional[float] = None) -> torch.Tensor:
+    """The C kernel: fp32 CPU q (B, H, T, D), k (B, H, L, D), v (B, H, L, Dv), any strides; mask broadcastable to
+    (B, H, T, L). No autograd."""
+    B, H, T, D = q.shape
+    L, Dv = k.shape[-2], v.shape[-1]
+    if any(t.dtype != torch.float32 or t.device.type != 'cpu' for t in (q, k, v)):
+        raise TypeError(f'attention (C kernel): q, k, v must be float32 CPU tensors, got '
+                        f'{[(str(t.dtype), t.device.type) for t in (q, k, v)]}')
+    m = None if mask is None else mask.to(torch.float32).expand(B, H, T, L)
+    out = torch.empty(B, H, T, Dv, dtype=q.dtype)
+    rc = _library().mz_attention_forward(
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+        None if m is None else m.data_ptr(), _strides(m if m is not None else q), out.data_ptr(), _strides(out),
+        B, H, T, L, D, Dv, float(D ** -0.5 if scale is None else scale), torch.get_num_threads())
+    if rc:
+        raise MemoryError('attention (C kernel): could not allocate its per-thread buffers')
+    return out
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -60,7 +120,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
               scale: Optional[float] = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` (additive float mask), on the route
     this CPU measured faster for inference."""
-    if _matmul_route(q, k, v, mask):
+    route = _route(q, k, v, mask)
+    if route == 'c':
+        return fused(q, k, v, mask, scale)
+    if route == 'matmul':
         return chunked(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
@@ -77,11 +140,15 @@ def _measure(dtype: torch.dtype) -> dict:
         q = torch.randn(b, t, h, 32, generator=g).to(dtype).transpose(1, 2)
         kv = torch.randn(b, l, 2, h, 32, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
         cases.append((q, kv[0], kv[1], torch.randn(h, t, l, generator=g).to(dtype).expand(b, h, t, l)))
-    return _cpu.interleaved({'matmul': lambda: [chunked(*c) for c in cases],
-                             'sdpa': lambda: [F.scaled_dot_product_attention(*c) for c in cases]})
+    fns = {'matmul': lambda: [chunked(*c) for c in cases],
+           'sdpa': lambda: [F.scaled_dot_product_attention(*c) for c in cases]}
+    if dtype == torch.float32 and unavailable() is None:
+        fns['c'] = lambda: [fused(*c) for c in cases]
+    return _cpu.interleaved(fns)
 
 
-_cpu.register('attention', ('sdpa', 'matmul'), lambda: _measure(torch.float32),
-              'fp32 CPU inference attention (window, routing, SHViT, TransNeXt): torch SDPA or chunked batched matmuls')
+_cpu.register('attention', ('sdpa', 'matmul', 'c'), lambda: _measure(torch.float32),
+              'fp32 CPU inference attention (window, routing, SHViT, TransNeXt): torch SDPA, chunked batched matmuls '
+              'or the fused C kernel (ops/_attention_cpu.c)')
 _cpu.register('attention_bf16', ('sdpa', 'matmul'), lambda: _measure(torch.bfloat16),
               'the same for bf16 inputs (autocast)')

@@ -32,7 +32,9 @@ static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)
 static inline vf vsel(lmask m, vf a, vf b) { return (vf)_mm512_mask_blend_ps(m, (__m512)b, (__m512)a); }
 static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
 static inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
-static inline vf vround(vf x) { return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vround(vf x) {
+    return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 static inline vf vscale2(vf p, vf n) { return (vf)_mm512_scalef_ps((__m512)p, (__m512)n); }   /* p 2^n */
 #else
 typedef vi lmask;
@@ -52,6 +54,74 @@ static inline float hsum(vf v) { HREDUCE(v, vadd) return v[0]; }
 static inline float hmax(vf v) { HREDUCE(v, vmax) return v[0]; }
 static inline vf vround(vf x) { return (x + 12582912.0f) - 12582912.0f; }   /* |x| < 2^22 */
 static inline vf vscale2(vf p, vf n) { return (vf)((vi)p + (__builtin_convertvector(n, vi) << 23)); }
+/* ---- small products and softmax rows (the attention kernels') ---- */
+
+/* C (MR x NV*VL) = A (MR x K, row stride lda) @ B (K x NV*VL, row stride ldb); B and C 64-byte
+ * aligned. One function per tile shape so the accumulators live in registers. */
+#define TILE(MR, NV)                                                                              \
+    static void tile_##MR##x##NV(int K, const float *restrict A, long lda, const float *restrict B, \
+                                 long ldb, float *restrict C, long ldc) {                         \
+        vf acc[MR][NV];                                                                           \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                     \
+        for (int k = 0; k < K; k++) {                                                             \
+            vf b[NV];                                                                             \
+            for (int j = 0; j < NV; j++) b[j] = *(const vf *)(B + k * ldb + j * VL);              \
+            for (int i = 0; i < MR; i++) {                                                        \
+                vf a = vsplat(A[i * lda + k]);                                                    \
+                for (int j = 0; j < NV; j++) acc[i][j] += a * b[j];                               \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) *(vf *)(C + i * ldc + j * VL) = acc[i][j];               \
+    }
+TILE(4, 4) TILE(4, 3) TILE(8, 2) TILE(8, 1) TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+
+/* C (M x N) = A (M x K) @ B (K x N), N a multiple of VL. */
+static void gemm(int M, int N, int K, const float *A, long lda, const float *B, long ldb, float *C, long ldc) {
+    for (int j = 0; j < N; j += 4 * VL) {
+        int nv = (N - j) / VL < 4 ? (N - j) / VL : 4, i = 0;
+        const float *b = B + j;
+        float *c = C + j;
+        switch (nv) {
+        case 4:
+            for (; i + 4 <= M; i += 4) tile_4x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 3:
+            for (; i + 4 <= M; i += 4) tile_4x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 2:
+            for (; i + 8 <= M; i += 8) tile_8x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        default:
+            for (; i + 8 <= M; i += 8) tile_8x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+        }
+    }
+}
+
+/* Softmax numerator of one row in place: s[0, n) = exp(s[0, n) - m), zero up to the next vector
+ * boundary (s aligned, room for it); returns the sum, plus hsum(extra). */
+static float exp_row(float *s, int n, float m, vf extra) {
+    vf acc = extra;
+    for (int i = 0; i < n; i += VL) {
+        vf e = vsel(lanes_below(n - i), vexp(*(vf *)(s + i) - m), (vf){0});
+        *(vf *)(s + i) = e;
+        acc += e;
+    }
+    return hsum(acc);
+}
+
+/* max(s[0, n), lanes of init) */
+static float max_row(const float *s, int n, vf init) {
+    vf mv = init;
+    for (int i = 0; i < n; i += VL) mv = vmax(mv, vsel(lanes_below(n - i), *(const vf *)(s + i), mv));
+    return hmax(mv);
+}
+
 #endif
 
 static inline lmask lanes_in(int lo, int hi) { return lanes_below(hi) & ~lanes_below(lo); }
@@ -88,6 +158,74 @@ static inline vf vexp(vf x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     return vscale2(p, n);
+}
+
+/* ---- small products and softmax rows (the attention kernels') ---- */
+
+/* C (MR x NV*VL) = A (MR x K, row stride lda) @ B (K x NV*VL, row stride ldb); B and C 64-byte
+ * aligned. One function per tile shape so the accumulators live in registers. */
+#define TILE(MR, NV)                                                                              \
+    static void tile_##MR##x##NV(int K, const float *restrict A, long lda, const float *restrict B, \
+                                 long ldb, float *restrict C, long ldc) {                         \
+        vf acc[MR][NV];                                                                           \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                     \
+        for (int k = 0; k < K; k++) {                                                             \
+            vf b[NV];                                                                             \
+            for (int j = 0; j < NV; j++) b[j] = *(const vf *)(B + k * ldb + j * VL);              \
+            for (int i = 0; i < MR; i++) {                                                        \
+                vf a = vsplat(A[i * lda + k]);                                                    \
+                for (int j = 0; j < NV; j++) acc[i][j] += a * b[j];                               \
+            }                                                                                     \
+        }                                                                                         \
+        for (int i = 0; i < MR; i++)                                                              \
+            for (int j = 0; j < NV; j++) *(vf *)(C + i * ldc + j * VL) = acc[i][j];               \
+    }
+TILE(4, 4) TILE(4, 3) TILE(8, 2) TILE(8, 1) TILE(1, 4) TILE(1, 3) TILE(1, 2) TILE(1, 1)
+
+/* C (M x N) = A (M x K) @ B (K x N), N a multiple of VL. */
+static void gemm(int M, int N, int K, const float *A, long lda, const float *B, long ldb, float *C, long ldc) {
+    for (int j = 0; j < N; j += 4 * VL) {
+        int nv = (N - j) / VL < 4 ? (N - j) / VL : 4, i = 0;
+        const float *b = B + j;
+        float *c = C + j;
+        switch (nv) {
+        case 4:
+            for (; i + 4 <= M; i += 4) tile_4x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x4(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 3:
+            for (; i + 4 <= M; i += 4) tile_4x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x3(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        case 2:
+            for (; i + 8 <= M; i += 8) tile_8x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x2(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            break;
+        default:
+            for (; i + 8 <= M; i += 8) tile_8x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+            for (; i < M; i++) tile_1x1(K, A + i * lda, lda, b, ldb, c + i * ldc, ldc);
+        }
+    }
+}
+
+/* Softmax numerator of one row in place: s[0, n) = exp(s[0, n) - m), zero up to the next vector
+ * boundary (s aligned, room for it); returns the sum, plus hsum(extra). */
+static float exp_row(float *s, int n, float m, vf extra) {
+    vf acc = extra;
+    for (int i = 0; i < n; i += VL) {
+        vf e = vsel(lanes_below(n - i), vexp(*(vf *)(s + i) - m), (vf){0});
+        *(vf *)(s + i) = e;
+        acc += e;
+    }
+    return hsum(acc);
+}
+
+/* max(s[0, n), lanes of init) */
+static float max_row(const float *s, int n, vf init) {
+    vf mv = init;
+    for (int i = 0; i < n; i += VL) mv = vmax(mv, vsel(lanes_below(n - i), *(const vf *)(s + i), mv));
+    return hmax(mv);
 }
 
 #endif

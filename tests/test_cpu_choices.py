@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import MISSING_DEP
 from mixzoo.ops import _attention, _cpu, _dispatch, _onednn
 from mixzoo.ops import halo as halo_op
 from mixzoo.ops.__main__ import main
@@ -58,8 +59,9 @@ def test_forced_and_bad_values(fresh, monkeypatch):
     assert not fresh.exists()                                     # nothing measured, nothing written
     monkeypatch.setattr(_cpu, '_DECIDED', {})
     monkeypatch.setenv('MIXZOO_CPU', 'linear:mkl')
-    with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: attention: sdpa\|matmul;"
-                                         r".* halo: c\|torch; linear: onednn\|blas; linear_bf16: onednn\|autocast"):
+    with pytest.raises(ValueError, match=r"'linear:mkl' is not <choice>:<option> with one of: "
+                                         r"attention: sdpa\|matmul\|c;.* halo: c\|torch; linear: onednn\|blas; "
+                                         r"linear_bf16: onednn\|autocast"):
         _cpu.choice('linear')
 
 
@@ -76,7 +78,13 @@ def test_every_choice_measures_its_options_here(fresh):
     assert set(d['ms']) == ({'c', 'torch'} if halo_op.cpu.unavailable() is None else {'torch'})
     assert d['option'] == chosen(d, 'c' if 'c' in d['ms'] else 'torch')
     d = _cpu.decision('attention')
-    assert set(d['ms']) == {'sdpa', 'matmul'} and d['option'] == chosen(d, 'sdpa')
+    c_runs = _attention.unavailable() is None
+    assert set(d['ms']) == {'sdpa', 'matmul'} | ({'c'} if c_runs else set()) and d['option'] == chosen(d, 'sdpa')
+    from mixzoo.ops import dwconv, gelu
+    for name, op in (('gelu_tanh', gelu), ('dwconv_grad', dwconv), ('dwconv_grad_nhwc', dwconv)):
+        d = _cpu.decision(name)
+        assert set(d['ms']) == ({'c', 'torch'} if op.unavailable() is None else {'torch'})
+        assert d['option'] == chosen(d, 'c' if 'c' in d['ms'] else 'torch')
 
 
 @pytest.mark.parametrize('option', ['onednn', 'blas'])
@@ -156,19 +164,44 @@ def test_chunked_attention_equals_sdpa(monkeypatch, mask, dtype):
     torch.testing.assert_close(got.float(), ref, **tol)
 
 
-@pytest.mark.parametrize('option', ['sdpa', 'matmul'])
+@pytest.mark.skipif(_attention.unavailable() is not None, reason=f'{MISSING_DEP}: {_attention.unavailable()}')
+@pytest.mark.parametrize('mask', ['none', 'per-window', 'broadcast'])
+@pytest.mark.parametrize('shape', [(10, 3, 49, 49, 32, 32), (2, 2, 70, 37, 24, 40), (1, 1, 5, 300, 8, 8)])
+def test_fused_attention_equals_sdpa(mask, shape):
+    """The C kernel on the mixers' strided views: several row blocks (70 > 32 queries), keys not a vector multiple,
+    Dv != D, a long key row; masks per window, broadcast, or none; against float64 SDPA."""
+    B, H, T, L, D, Dv = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    kv = torch.randn(B, L, H, D + Dv, generator=g).transpose(1, 2)
+    k, v = kv[..., :D], kv[..., D:]
+    m = {'none': None, 'broadcast': torch.randn(1, H, T, L, generator=g),
+         'per-window': torch.randn(H, T, L, generator=g).expand(B, H, T, L).clone()}[mask]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                         attn_mask=None if m is None else m.double(), scale=0.3)
+    got = _attention.fused(q, k, v, m, scale=0.3)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got.double() - ref).abs().max().item() <= 2e-6 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize('option', ['sdpa', 'matmul', 'c'])
 def test_attention_route_follows_the_choice(fresh, monkeypatch, option):
-    monkeypatch.setenv('MIXZOO_CPU', f'attention:{option},attention_bf16:{option}')
+    """fp32 and bf16 inference take the chosen route ('c' is fp32's: bf16 then takes the matmuls); a boolean mask
+    and autograd take SDPA."""
+    monkeypatch.setenv('MIXZOO_CPU', f'attention:{option},attention_bf16:{"matmul" if option == "c" else option}')
     calls = []
-    real = _attention.chunked
-    monkeypatch.setattr(_attention, 'chunked', lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ('chunked', 'fused'):
+        real = getattr(_attention, name)
+        monkeypatch.setattr(_attention, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     q, k, v = (torch.randn(4, 2, 49, 16) for _ in range(3))
     with torch.no_grad():
         for dt in (torch.float32, torch.bfloat16):
             torch.testing.assert_close(_attention.attention(q.to(dt), k.to(dt), v.to(dt)).float(),
                                        F.scaled_dot_product_attention(q, k, v), rtol=2e-2, atol=2e-2)
         _attention.attention(q, k, v, torch.ones(49, 49, dtype=torch.bool))    # a boolean mask: SDPA
-    assert len(calls) == (2 if option == 'matmul' else 0)
+    c_runs = _attention.unavailable() is None
+    assert calls == {'sdpa': [], 'matmul': ['chunked', 'chunked'],
+                     'c': ['fused' if c_runs else 'chunked', 'chunked']}[option]
     calls.clear()
     _attention.attention(q.requires_grad_(), k, v).sum().backward()            # autograd: SDPA
     assert not calls and q.grad is not None

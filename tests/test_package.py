@@ -33,7 +33,8 @@ def test_wheel_holds_only_mixzoo_and_works_on_its_own(tmp_path):
     # manifest as package data
     assert {'mixzoo/__init__.py', 'mixzoo/mm.py', 'mixzoo/ops/__init__.py', 'mixzoo/ops/__main__.py',
             'mixzoo/ops/halo/halo_cpu.c', 'mixzoo/ops/gelu/gelu_cpu.c', 'mixzoo/ops/dwconv/dwconv_cpu.c',
-            'mixzoo/ops/_vec.h', 'mixzoo/checkpoints/manifest.json'} <= set(names)
+            'mixzoo/ops/_vec.h', 'mixzoo/ops/_attention_cpu.c',
+            'mixzoo/checkpoints/manifest.json'} <= set(names)
 
     site = tmp_path / 'site'
     r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(site), str(wheel)],
