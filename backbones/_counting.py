@@ -3,6 +3,7 @@ GMACs = torch.utils.flop_counter total / 2 for one image, in eval mode (REFERENC
 import torch
 import torch.nn as nn
 
+from .layers import padded_same
 from .ops import _onednn
 from .ops._dispatch import forcing
 
@@ -25,9 +26,10 @@ def gmacs(model: nn.Module, size, by_op: bool = False):
         extra[cpu_flash] = getattr(sdpa_flop, '__wrapped__', sdpa_flop)   # FlopCounterMode adds the shape wrapper
     # counted as the architecture is defined: linear layers as linear (not their oneDNN conv route) and
     # halo attention over whole windows (its fast path skips the zero keys outside the map), neighborhood attention
-    # over its windows (its fast path multiplies whole key regions)
+    # over its windows (its fast path multiplies whole key regions), TF-'same' depthwise filters as defined (not with
+    # the zero row / column their inference path adds in place of a padded map)
     with FlopCounterMode(display=False, custom_mapping=extra) as fc, torch.no_grad(), _onednn.disabled(), \
-            forcing(halo='reference', neighborhood='reference'):
+            forcing(halo='reference', neighborhood='reference'), padded_same():
         model.eval()(x)
     total = fc.get_total_flops() / 2e9
     if not by_op:

@@ -182,3 +182,25 @@ def test_box_sum_values_and_gradient(k):
     assert torch.autograd.gradcheck(lambda t: box_sum(t, k), (x,))
     with torch.no_grad():
         torch.testing.assert_close(box_sum(x, k), ref)
+
+
+@pytest.mark.parametrize('kernel, stride', [(3, 2), (5, 2), (4, 1), (4, 2)])
+@pytest.mark.parametrize('hw', [(16, 16), (15, 17), (9, 8)])
+def test_same_padding_without_a_padded_map(kernel, stride, hw):
+    """A depthwise Conv2dSame in inference runs on the unpadded map (symmetric padding, a zero front row / column
+    where TF pads one more after): bitwise the padded map's result, at even and odd sizes; autograd and dense filters
+    keep the padded map."""
+    from timm.layers import create_conv2d
+    from timm.layers.conv2d_same import Conv2dSame
+    conv = create_conv2d(12, 12, kernel, stride=stride, groups=12, padding='same')
+    x = torch.randn(2, 12, *hw).contiguous(memory_format=torch.channels_last)
+    assert isinstance(conv, Conv2dSame)   # (timm pads statically where it can: these are the dynamic cases)
+    with torch.no_grad():
+        xs, w, padding = layers.same_conv_args(conv, x, conv.weight)
+        assert xs is x
+        ref = F.conv2d(layers.pad_same(x, conv.kernel_size, conv.stride), conv.weight, conv.bias, conv.stride, 0, 1, 12)
+        assert torch.equal(layers.conv_forward(conv, x, conv.weight, conv.bias), ref)
+    assert layers.same_conv_args(conv, x.requires_grad_(), conv.weight)[0] is not x    # autograd: the padded map
+    dense = create_conv2d(12, 6, kernel, stride=2, padding='same')
+    with torch.no_grad():
+        assert layers.same_conv_args(dense, x.detach(), dense.weight)[2] == (0, 0)
