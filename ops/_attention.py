@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dispatch import records_grad, tracing
-from ._native import NativeUnavailable, load
+from ._native import load, unavailable as _unavailable
 
 __all__ = ['attention', 'chunked', 'fused', 'matmul_preferred', 'unavailable']
 
@@ -52,11 +52,7 @@ def _library() -> ctypes.CDLL:
 
 def unavailable() -> Optional[str]:
     """Why the C kernel cannot run here (None if it can); builds it on first call."""
-    try:
-        _library()
-        return None
-    except NativeUnavailable as e:
-        return str(e)
+    return _unavailable(SOURCE)
 
 
 def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> str:

@@ -17,8 +17,6 @@
 
 #define RB 32   /* query rows per block */
 
-static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
-
 int mz_attention_forward(const float *q, const long *qs, const float *k, const long *ks, const float *v,
                          const long *vs, const float *mask, const long *ms, float *out, const long *os, int B,
                          int H, int T, int L, int D, int Dv, float scale, int n_threads) {
@@ -26,15 +24,10 @@ int mz_attention_forward(const float *q, const long *qs, const float *k, const l
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *kt = alloc64((size_t)D * Lp * sizeof(float)), *vp = alloc64((size_t)L * Dvp * sizeof(float));
-        float *qa = alloc64((size_t)RB * D * sizeof(float)), *s = alloc64((size_t)RB * Lp * sizeof(float));
-        float *o = alloc64((size_t)RB * Dvp * sizeof(float));
-        if (!kt || !vp || !qa || !s || !o) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        float *kt = zalloc((size_t)D * Lp * sizeof(float)), *vp = zalloc((size_t)L * Dvp * sizeof(float));
+        float *qa = zalloc((size_t)RB * D * sizeof(float)), *s = zalloc((size_t)RB * Lp * sizeof(float));
+        float *o = zalloc((size_t)RB * Dvp * sizeof(float));
+        if (all_allocated(kt && vp && qa && s && o, &failed)) {
 #pragma omp for schedule(static)
             for (long bh = 0; bh < (long)B * H; bh++) {
                 const int b = bh / H, h = bh % H;

@@ -4,7 +4,9 @@
 #ifndef MZ_VEC_H
 #define MZ_VEC_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #define VL 16
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -90,6 +92,30 @@ static inline vf vexp(vf x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     return vscale2(p, n);
+}
+
+/* ---- per-thread buffers ---- */
+
+/* 64-byte aligned, zeroed; NULL if out of memory */
+static inline void *zalloc(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    void *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p)
+        memset(p, 0, bytes);
+    return p;
+}
+
+/* Inside a parallel region, every thread: whether all threads got their buffers (ok: this one did); a barrier */
+static inline int all_allocated(int ok, int *failed) {
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int f;
+#pragma omp atomic read
+    f = *failed;
+    return !f;
 }
 
 /* ---- small products and softmax rows (the attention kernels') ---- */

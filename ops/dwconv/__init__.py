@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _cpu
 from .._dispatch import records_grad, tracing
-from .._native import NativeUnavailable, load
+from .._native import load, unavailable as _unavailable
 
 __all__ = ['depthwise_conv2d', 'weight_grad', 'unavailable']
 
@@ -48,11 +48,7 @@ def _library(portable: bool = False) -> ctypes.CDLL:
 
 def unavailable() -> Optional[str]:
     """Why the C kernel cannot run here (None if it can); builds it on first call."""
-    try:
-        _library()
-        return None
-    except NativeUnavailable as e:
-        return str(e)
+    return _unavailable(SOURCE)
 
 
 def _pair(v: Pair) -> Tuple[int, int]:

@@ -34,17 +34,21 @@
     }
 TAPS(1) TAPS(2) TAPS(3) TAPS(4) TAPS(5) TAPS(6) TAPS(7) TAPS(8)
 
-static void taps(int nj, const float *gp, long gs, const float *xr, long xs, int Ho, int dw, vf *part) {
-    switch (nj) {
-    case 1: taps_1(gp, gs, xr, xs, Ho, dw, part); break;
-    case 2: taps_2(gp, gs, xr, xs, Ho, dw, part); break;
-    case 3: taps_3(gp, gs, xr, xs, Ho, dw, part); break;
-    case 4: taps_4(gp, gs, xr, xs, Ho, dw, part); break;
-    case 5: taps_5(gp, gs, xr, xs, Ho, dw, part); break;
-    case 6: taps_6(gp, gs, xr, xs, Ho, dw, part); break;
-    case 7: taps_7(gp, gs, xr, xs, Ho, dw, part); break;
-    default: taps_8(gp, gs, xr, xs, Ho, dw, part); break;
+/* fn_<nj>(args), nj in 1..8: the variant whose accumulators fit its tap count */
+#define BY_TAPS(fn, nj, ...)                                                                      \
+    switch (nj) {                                                                                 \
+    case 1: fn##_1(__VA_ARGS__); break;                                                           \
+    case 2: fn##_2(__VA_ARGS__); break;                                                           \
+    case 3: fn##_3(__VA_ARGS__); break;                                                           \
+    case 4: fn##_4(__VA_ARGS__); break;                                                           \
+    case 5: fn##_5(__VA_ARGS__); break;                                                           \
+    case 6: fn##_6(__VA_ARGS__); break;                                                           \
+    case 7: fn##_7(__VA_ARGS__); break;                                                           \
+    default: fn##_8(__VA_ARGS__); break;                                                          \
     }
+
+static void taps(int nj, const float *gp, long gs, const float *xr, long xs, int Ho, int dw, vf *part) {
+    BY_TAPS(taps, nj, gp, gs, xr, xs, Ho, dw, part)
 }
 
 /* part[j] += sum over wo < Wo of g[wo] (vector stride gs) times row[wo + j * dw] (a zero-bordered row of
@@ -67,24 +71,7 @@ static void taps(int nj, const float *gp, long gs, const float *xr, long xs, int
 ROW_TAPS(1) ROW_TAPS(2) ROW_TAPS(3) ROW_TAPS(4) ROW_TAPS(5) ROW_TAPS(6) ROW_TAPS(7) ROW_TAPS(8)
 
 static void row_taps(int nj, const float *g, long gs, int nc, const vf *row, int Wo, int dw, vf *part) {
-    switch (nj) {
-    case 1: row_taps_1(g, gs, nc, row, Wo, dw, part); break;
-    case 2: row_taps_2(g, gs, nc, row, Wo, dw, part); break;
-    case 3: row_taps_3(g, gs, nc, row, Wo, dw, part); break;
-    case 4: row_taps_4(g, gs, nc, row, Wo, dw, part); break;
-    case 5: row_taps_5(g, gs, nc, row, Wo, dw, part); break;
-    case 6: row_taps_6(g, gs, nc, row, Wo, dw, part); break;
-    case 7: row_taps_7(g, gs, nc, row, Wo, dw, part); break;
-    default: row_taps_8(g, gs, nc, row, Wo, dw, part); break;
-    }
-}
-
-static void *zalloc(size_t bytes) {
-    bytes = (bytes + 63) / 64 * 64;
-    void *p = aligned_alloc(64, bytes ? bytes : 64);
-    if (p)
-        memset(p, 0, bytes);
-    return p;
+    BY_TAPS(row_taps, nj, g, gs, nc, row, Wo, dw, part)
 }
 
 /* x (N, C, H, W) and g (N, C, Ho, Wo) contiguous, Ho = H + 2 ph - (kh - 1) dh (stride 1), same for W;
@@ -101,12 +88,7 @@ int mz_dw_weight_grad(const float *x, const float *g, float *gw, int N, int C, i
     {
         float *xp = zalloc(xrows * xs * sizeof(float)), *gp = zalloc(Ho * gs * sizeof(float));
         vf *part = zalloc((size_t)kh * kw * sizeof(vf));
-        if (!xp || !gp || !part) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (all_allocated(xp && gp && part, &failed)) {
 #pragma omp for schedule(static)
             for (int c = 0; c < C; c++) {
                 memset(part, 0, (size_t)kh * kw * sizeof(vf));
@@ -144,12 +126,7 @@ int mz_dw_weight_grad_nhwc(const float *x, const float *g, float *gw, int N, int
 #pragma omp parallel num_threads(n_threads)
     {
         vf *row = zalloc((size_t)rw * sizeof(vf)), *part = zalloc((size_t)kh * kw * sizeof(vf));
-        if (!row || !part) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (all_allocated(row && part, &failed)) {
 #pragma omp for schedule(static)
             for (int b = 0; b < nb; b++) {
                 const int c0 = b * VL, nc = C - c0 < VL ? C - c0 : VL;

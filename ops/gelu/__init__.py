@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import _cpu
 from .._dispatch import tracing
-from .._native import NativeUnavailable, load
+from .._native import load, unavailable as _unavailable
 
 __all__ = ['gelu_tanh', 'unavailable']
 
@@ -41,11 +41,7 @@ def _library(portable: bool = False) -> ctypes.CDLL:
 
 def unavailable() -> Optional[str]:
     """Why the C kernel cannot run here (None if it can); builds it on first call."""
-    try:
-        _library()
-        return None
-    except NativeUnavailable as e:
-        return str(e)
+    return _unavailable(SOURCE)
 
 
 def _dense(x: torch.Tensor) -> bool:
