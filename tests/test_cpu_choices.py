@@ -81,7 +81,8 @@ def test_every_choice_measures_its_options_here(fresh):
     c_runs = _attention.unavailable() is None
     assert set(d['ms']) == {'sdpa', 'matmul'} | ({'c'} if c_runs else set()) and d['option'] == chosen(d, 'sdpa')
     from mixzoo.ops import dwconv, gelu
-    for name, op in (('gelu_tanh', gelu), ('dwconv_grad', dwconv), ('dwconv_grad_nhwc', dwconv)):
+    for name, op in (('gelu_tanh', gelu), ('gelu_tanh_bf16', gelu), ('dwconv_grad', dwconv),
+                     ('dwconv_grad_nhwc', dwconv)):
         d = _cpu.decision(name)
         assert set(d['ms']) == ({'c', 'torch'} if op.unavailable() is None else {'torch'})
         assert d['option'] == chosen(d, 'c' if 'c' in d['ms'] else 'torch')

@@ -45,6 +45,33 @@ def test_matches_float64_over_the_range(backend):
 
 
 @needs_kernel
+@pytest.mark.parametrize('backend', ['c', 'c-portable'])
+def test_bfloat16_rounds_once(backend):
+    """bf16 tensors: computed in fp32 and rounded once to nearest even; at least as often the correctly rounded
+    value as torch's bf16 kernel (measured 98.8% vs 93.4% over N(0, 9)), never more than one bf16 step from it; NaN stays NaN,
+    the gradient within one bf16 step of torch's."""
+    x = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+    x[:2] = torch.tensor([float('nan'), float('inf')])
+    xr = x.clone().requires_grad_()
+    y = gelu_tanh(xr, backend=backend)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y.backward(g)
+    assert y.dtype == xr.grad.dtype == torch.bfloat16 and torch.isnan(y[0]) and y[1] == float('inf')
+    y, x, g, gx = y[2:].detach(), x[2:], g[2:], xr.grad[2:]
+    # below -6 a float64 0.5 x (1 + tanh(u)) cancels to 0 (the kernel's x sigmoid(2u) keeps the tiny true value)
+    tail = x < -6
+    assert (y[tail].float().abs() < 1e-9).all()   # (|gelu(-6)| = 8e-11)
+    y, x, g, gx = y[~tail], x[~tail], g[~tail], gx[~tail]
+    exact = F.gelu(x.double(), approximate='tanh').bfloat16()
+    ours, theirs = (y == exact).float().mean().item(), (F.gelu(x, approximate='tanh') == exact).float().mean().item()
+    assert ours >= theirs and ours > 0.95
+    step = exact.float().abs() * 2 ** -7 + 1e-30
+    assert ((y.float() - exact.float()).abs() <= step).all()
+    ref = torch.ops.aten.gelu_backward(g.double(), x.double(), approximate='tanh')
+    assert ((gx.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+
+
+@needs_kernel
 def test_special_values():
     x = torch.tensor([float('nan'), float('inf'), 1e20, -1e20, -30., 30., 0., -0.])
     xr = x.clone().requires_grad_()
@@ -94,22 +121,22 @@ def test_which_path_each_input_takes(monkeypatch):
     calls = []
     monkeypatch.setattr(gelu_op._GeluTanh, 'apply', lambda *a: calls.append(a) or F.gelu(a[0], approximate='tanh'))
     x = torch.randn(4, 8)
-    monkeypatch.setenv(_cpu.ENV, 'gelu_tanh:c')
+    monkeypatch.setenv(_cpu.ENV, 'gelu_tanh:c,gelu_tanh_bf16:c')
     monkeypatch.setattr(_cpu, '_DECIDED', {})
-    for t in (x.double(), x.bfloat16()):
-        assert torch.equal(gelu_tanh(t), F.gelu(t, approximate='tanh'))
+    assert torch.equal(gelu_tanh(x.double()), F.gelu(x.double(), approximate='tanh'))
     assert not calls
     gelu_tanh(x)
-    assert len(calls) == (1 if _why is None else 0)
+    gelu_tanh(x.bfloat16())
+    assert len(calls) == (2 if _why is None else 0)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     gelu_tanh(x)
     monkeypatch.undo()
-    assert len(calls) == (1 if _why is None else 0)
+    assert len(calls) == (2 if _why is None else 0)
     monkeypatch.setenv(_cpu.ENV, 'gelu_tanh:torch')
     monkeypatch.setattr(_cpu, '_DECIDED', {})
     monkeypatch.setattr(gelu_op._GeluTanh, 'apply', lambda *a: pytest.fail('forced torch took the kernel'))
     gelu_tanh(x)
-    with pytest.raises(TypeError, match="needs a float32 CPU tensor, got torch.float64.*backend='torch'"):
+    with pytest.raises(TypeError, match="needs a float32 or bfloat16 CPU tensor, got torch.float64.*backend='torch'"):
         gelu_tanh(x.double(), backend='c')
     with pytest.raises(ValueError, match="backend='cuda'"):
         gelu_tanh(x, backend='cuda')

@@ -7,6 +7,7 @@
  * that below 0: no overflow, no cancellation near 0), where torch's kernel evaluates a vector tanh.
  * Backward: dgelu/dx = s + x s (1 - s) dz/dx, dz/dx = 2 sqrt(2 / pi) (1 + 3 * 0.044715 x^2), with s (1 - s)
  * as e^-|z| s(|z|)^2 (no 1 - s cancellation: torch's tanh form loses up to 1e-6 of the gradient there).
+ * bf16 tensors take the same arithmetic in fp32 registers (the _bf16 entry points).
  * Beyond |z| = 86 the sigmoid is 0 or 1 and the second term is dropped (it is below 1e-35 there, and
  * x^2 would overflow for huge x); NaN inputs stay NaN in both directions.
  */
@@ -55,6 +56,52 @@ static void run(const float *x, const float *g, float *y, long n, int n_threads)
             memcpy(y + i, &out, (end - i) * sizeof(float));
         }
     }
+}
+
+/* bf16 tensors: widened to fp32 in registers, computed as above, rounded once to nearest even (as torch's bf16
+ * kernel computes in fp32 and rounds) */
+typedef uint16_t vh __attribute__((vector_size(VL * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+
+static inline vf widen(const uint16_t *p, long m) {
+    vh h = {0};
+    if (m == VL)
+        memcpy(&h, p, sizeof h);   /* (a fixed size: one vector load) */
+    else
+        memcpy(&h, p, m * sizeof(uint16_t));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline void narrow(uint16_t *p, vf v, long m) {
+    const vu b = (vu)v;
+    const vu r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16;
+    const vi nan = (vi)(v != v);   /* NaN: keep it a (quiet) NaN instead of rounding it to infinity */
+    const vh h = __builtin_convertvector((vu)(((vi)r & ~nan) | ((vi)((b >> 16) | 0x40) & nan)), vh);
+    if (m == VL)
+        memcpy(p, &h, sizeof h);
+    else
+        memcpy(p, &h, m * sizeof(uint16_t));
+}
+
+static void run_bf16(const uint16_t *x, const uint16_t *g, uint16_t *y, long n, int n_threads) {
+    const long chunk = 1 << 14;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (long c = 0; c < n; c += chunk) {
+        const long end = c + chunk < n ? c + chunk : n;
+        for (long i = c; i < end; i += VL) {
+            const long m = end - i < VL ? end - i : VL;
+            const vf v = gelu_vec(widen(x + i, m), g != NULL);
+            narrow(y + i, g != NULL ? v * widen(g + i, m) : v, m);
+        }
+    }
+}
+
+void mz_gelu_tanh_forward_bf16(const uint16_t *x, uint16_t *y, long n, int n_threads) {
+    run_bf16(x, NULL, y, n, n_threads);
+}
+
+void mz_gelu_tanh_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *gx, long n, int n_threads) {
+    run_bf16(x, g, gx, n, n_threads);
 }
 
 void mz_gelu_tanh_forward(const float *x, float *y, long n, int n_threads) { run(x, NULL, y, n, n_threads); }
