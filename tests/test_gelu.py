@@ -48,8 +48,8 @@ def test_matches_float64_over_the_range(backend):
 @pytest.mark.parametrize('backend', ['c', 'c-portable'])
 def test_bfloat16_rounds_once(backend):
     """bf16 tensors: computed in fp32 and rounded once to nearest even; at least as often the correctly rounded
-    value as torch's bf16 kernel (measured 98.8% vs 93.4% over N(0, 9)), never more than one bf16 step from it; NaN stays NaN,
-    the gradient within one bf16 step of torch's."""
+    value as torch's bf16 kernel (measured 98.8% vs 93.4% over N(0, 9)), never more than one bf16 step from it;
+    NaN stays NaN, the gradient within one bf16 step of float64's."""
     x = (torch.randn(1 << 16, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
     x[:2] = torch.tensor([float('nan'), float('inf')])
     xr = x.clone().requires_grad_()
