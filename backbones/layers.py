@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, Mlp, trunc_normal_
 from timm.layers.activations import GELU, GELUTanh as _TimmGELUTanh
 from timm.layers.conv2d_same import Conv2dSame
-from timm.layers.padding import pad_same as _timm_pad_same
+from timm.layers.padding import get_same_padding, pad_same as _timm_pad_same
 
 from .ops._dispatch import records_grad, symbolic
 from .ops import _onednn
@@ -169,7 +169,7 @@ def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: t
     if isinstance(conv, Conv2dSame):
         x, weight, padding = same_conv_args(conv, x, weight)
         return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-    if conv.groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
+    if _depthwise_call(conv, x, weight):
         return depthwise_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -190,18 +190,24 @@ def conv_act_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bia
     return _onednn.conv_act(x, weight, bias, padding, conv.stride, conv.dilation, conv.groups, post, dtype)
 
 
-_SYMMETRIC_SAME = [True]
+def _depthwise_call(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``conv`` run with ``weight`` on ``x`` is depthwise: one single-channel filter per input channel."""
+    return conv.groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+
+
+_SYMMETRIC_SAME = True
 
 
 @contextmanager
 def padded_same():
     """Every Conv2dSame on its padded map inside the block (the MAC counter counts the architecture's filters,
     not the zero row / column of :func:`same_conv_args`)."""
-    saved, _SYMMETRIC_SAME[0] = _SYMMETRIC_SAME[0], False
+    global _SYMMETRIC_SAME
+    saved, _SYMMETRIC_SAME = _SYMMETRIC_SAME, False
     try:
         yield
     finally:
-        _SYMMETRIC_SAME[0] = saved
+        _SYMMETRIC_SAME = saved
 
 
 def same_conv_args(conv: Conv2dSame, x: torch.Tensor, weight: torch.Tensor):
@@ -216,9 +222,9 @@ def same_conv_args(conv: Conv2dSame, x: torch.Tensor, weight: torch.Tensor):
     unknown) and autograd (oneDNN's backward of the 4x4 stride-2 filter measured slower: MaxViT-T's training step
     2646 -> 2770 ms) take the padded map."""
     sizes = x.shape[-2:]
-    if (conv.groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1 and tuple(conv.dilation) == (1, 1)
-            and not symbolic(*sizes) and not records_grad(x, weight) and _SYMMETRIC_SAME[0]):
-        totals = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(sizes, weight.shape[-2:], conv.stride)]
+    if (_depthwise_call(conv, x, weight) and tuple(conv.dilation) == (1, 1) and not symbolic(*sizes)
+            and not records_grad(x, weight) and _SYMMETRIC_SAME):
+        totals = [get_same_padding(n, k, s, 1) for n, k, s in zip(sizes, weight.shape[-2:], conv.stride)]
         if totals[0] % 2 or totals[1] % 2:
             weight = F.pad(weight, (totals[1] % 2, 0, totals[0] % 2, 0))
         return x, weight, tuple((t + 1) // 2 for t in totals)

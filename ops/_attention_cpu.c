@@ -29,19 +29,17 @@ int mz_attention_forward(const float *q, const long *qs, const float *k, const l
         float *o = zalloc((size_t)RB * Dvp * sizeof(float));
         if (all_allocated(kt && vp && qa && s && o, &failed)) {
 #pragma omp for schedule(static)
-            for (long bh = 0; bh < (long)B * H; bh++) {
+            for (long bh = 0; bh < (long)B * H; bh++) {   /* (kt's and vp's row tails stay 0 from zalloc) */
                 const int b = bh / H, h = bh % H;
                 const float *kb = k + b * ks[0] + h * ks[1], *vb = v + b * vs[0] + h * vs[1];
                 const float *qb = q + b * qs[0] + h * qs[1];
                 for (int d = 0; d < D; d++) {
                     float *row = kt + (long)d * Lp;
                     for (int l = 0; l < L; l++) row[l] = kb[l * ks[2] + d * ks[3]] * scale;
-                    for (int l = L; l < Lp; l++) row[l] = 0;
                 }
                 for (int l = 0; l < L; l++) {
                     float *row = vp + (long)l * Dvp;
                     for (int e = 0; e < Dv; e++) row[e] = vb[l * vs[2] + e * vs[3]];
-                    for (int e = Dv; e < Dvp; e++) row[e] = 0;
                 }
                 for (int t0 = 0; t0 < T; t0 += RB) {
                     const int rb = T - t0 < RB ? T - t0 : RB;

@@ -344,6 +344,15 @@ def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def dense_format(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """The memory format in which ``x``'s elements lie without gaps (``torch.contiguous_format``, or
+    ``torch.channels_last`` for a 4-d channels-last map), None for other strides: a C kernel reads such a tensor as
+    one flat buffer in that order, and ``t.contiguous(memory_format=...)`` brings another tensor to the same order."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+
+
 def symbolic(*sizes) -> bool:
     """Any of ``sizes`` is symbolic (torch.export / compile with dynamic shapes): code that skips work when a
     size is already a multiple (no padding, no crop) must not branch on it there (the branch is a guard that

@@ -1,8 +1,8 @@
 """Small C kernels for CPU, compiled on first use and loaded through ctypes.
 
 A kernel is one C file beside its op (e.g. ``ops/halo/halo_cpu.c``), plain C with GCC vector
-extensions (the shared helpers in ``ops/_vec.h``) and OpenMP, no Python or torch headers: it compiles in about a second, where a torch C++
-extension needs minutes and a matching toolchain. The shared object is cached under
+extensions (the shared helpers in ``ops/_vec.h``) and OpenMP, no Python or torch headers: it compiles in
+about a second, where a torch C++ extension needs minutes and a matching toolchain. The shared object is cached under
 ``$MIXZOO_CACHE/native`` (default ``~/.cache/mixzoo/native``), keyed on the source, the compiler,
 its flags and the CPU (``-march=native``), so a new machine or an edited kernel rebuilds.
 OpenMP: the object links ``libgomp.so.1`` by soname, which resolves to the runtime torch has

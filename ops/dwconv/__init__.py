@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _cpu
-from .._dispatch import records_grad, tracing
+from .._dispatch import dense_format, records_grad, tracing
 from .._native import load, unavailable as _unavailable
 
 __all__ = ['depthwise_conv2d', 'weight_grad', 'unavailable']
@@ -55,13 +55,6 @@ def _pair(v: Pair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _layout(x: torch.Tensor) -> Optional[str]:
-    """'nchw' or 'nhwc' (channels-last) for a map dense in that order, else None."""
-    if x.is_contiguous():
-        return 'nchw'
-    return 'nhwc' if x.is_contiguous(memory_format=torch.channels_last) else None
-
-
 def weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: Tuple[int, int], padding: Pair = 0, dilation: Pair = 1,
                 portable: bool = False) -> torch.Tensor:
     """The (C, 1, kh, kw) weight gradient of a stride-1 depthwise convolution of ``x`` (N, C, H, W) given the
@@ -76,10 +69,8 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: Tuple[int, int], paddi
         raise ValueError(f'depthwise weight_grad: gradient shape {tuple(g.shape)} is not the stride-1 output of '
                          f'{tuple(x.shape)} with a {kh}x{kw} kernel, padding {(ph, pw)}, dilation {(dh, dw)}')
     lib = _library(portable)
-    if _layout(x) == 'nhwc':
-        fn, fmt = lib.mz_dw_weight_grad_nhwc, torch.channels_last
-    else:
-        fn, fmt = lib.mz_dw_weight_grad, torch.contiguous_format
+    fmt = torch.channels_last if dense_format(x) == torch.channels_last else torch.contiguous_format
+    fn = lib.mz_dw_weight_grad_nhwc if fmt == torch.channels_last else lib.mz_dw_weight_grad
     x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
     gw = torch.empty(C, 1, kh, kw, dtype=x.dtype)
     if fn(x.data_ptr(), g.data_ptr(), gw.data_ptr(), N, C, H, W, kh, kw, ph, pw, dh, dw, torch.get_num_threads()):
@@ -104,7 +95,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gb = None
         if need_x:   # (g in x's layout: oneDNN's backward is slow on a mix)
-            g_x = g.contiguous(memory_format=torch.channels_last if _layout(x) == 'nhwc' else torch.contiguous_format)
+            g_x = g.contiguous(memory_format=dense_format(x) or torch.contiguous_format)
             gx = torch.ops.aten.convolution_backward(g_x, x, weight, None, [1, 1], list(padding), list(dilation), False,
                                                      [0, 0], x.shape[1], [True, False, False])[0]
         if need_b:   # (not oneDNN's: asked for a bias gradient, it runs its slow weight-gradient pass too)
@@ -129,7 +120,7 @@ def _kernel_runs(x, weight, bias, stride, padding) -> bool:
             and not tracing() and not torch.is_autocast_enabled('cpu')):
         return False
     # (a map in neither layout is copied to NCHW)
-    return _cpu.choice(OP_NHWC if _layout(x) == 'nhwc' else OP) == 'c' and unavailable() is None
+    return _cpu.choice(OP_NHWC if dense_format(x) == torch.channels_last else OP) == 'c' and unavailable() is None
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: Pair = 1,

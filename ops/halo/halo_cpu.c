@@ -123,20 +123,15 @@ int mz_halo_forward(const float *q, const long *qs, const float *k, const long *
 
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = aligned_alloc(64, sizeof(float) * per_thread);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            memset(buf, 0, sizeof(float) * per_thread);
-        }
+        float *buf = zalloc(sizeof(float) * per_thread);
+        const int ok = all_allocated(buf != NULL, &failed);
         float *qt = buf, *kt = qt + n_qt, *vt = kt + n_kt, *S = vt + n_vt, *ob = S + round_up(n_s),
               *inv = ob + n_o;
         int qa[nq], qb[nq];
 
 #pragma omp for schedule(static)
         for (long task = 0; task < n_tasks; task++) {
-            if (!buf) continue;
+            if (!ok) continue;   /* (a thread without buffers: the call fails, every thread skips) */
             const int j = task % nbw, i = task / nbw % nbh, hd = task / ((long)nbw * nbh) % heads,
                       b = task / ((long)nbw * nbh * heads);
             /* the window's rows / columns inside the map, and their offsets in the window */
