@@ -23,16 +23,44 @@ from typing import Optional
 
 import torch
 
+from .. import _cpu
 from .._dispatch import Call, register_op, select, triton_kernels
-from . import eager, reference
+from . import cpu, eager, reference
 from .geometry import BORDERS, GridBias
 
 __all__ = ['neighborhood_attention', 'neighborhood_aggregate', 'GridBias']
 
 OP = 'neighborhood'
+
+
+def _measure() -> dict:
+    """The C kernel and the torch backend on NAT-T's stage 1-3 calls and a DiNAT dilation at batch 2 (q, k, v as
+    the mixer passes them: views of one qkv projection; with the relative-position bias)."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for heads, side, dilation in ((2, 56, 1), (4, 28, 1), (4, 28, 4), (8, 14, 1)):
+        q, k, v = torch.randn(2, side, side, 3, heads, 32, generator=g).permute(3, 0, 4, 1, 2, 5)
+        cases.append((q, k, v, 7, dilation, torch.randn(heads, 13, 13, generator=g), None, None, None, None, 'shift'))
+    fns = {'torch': lambda: [eager.neighborhood_attention(*c) for c in cases]}
+    if cpu.unavailable() is None:
+        fns['c'] = lambda: [cpu.neighborhood_attention(*c) for c in cases]
+    return _cpu.interleaved(fns)
+
+
+_cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference neighborhood attention without extra keys (NAT, '
+              'DiNAT): the C kernel (backend cpu) or the torch backend')
+
+
+def _measured_slower(call: Call) -> list:
+    d = _cpu.decision(OP)
+    return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
+
+
 register_op(OP, triton=triton_kernels(__name__, 'neighborhood_attention', validated=False, head_dims=(1, 128),
                                       doc='fused forward + backward (window slots read in place + extra-key '
                                           'tiles, one online softmax; atomics for dK/dV)'),
+            cpu=dict(fn=cpu.neighborhood_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
+                     available=cpu.unavailable, unsupported=cpu.unsupported, auto_check=_measured_slower),
             torch=eager.neighborhood_attention, reference=reference.neighborhood_attention)
 
 
@@ -86,7 +114,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            backend: Optional[str] = None) -> torch.Tensor:
     _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border, window_weights)
     call = Call.of(q, k, v, rpb, extra_k, extra_v, getattr(extra_bias, 'table', extra_bias), window_weights,
-                   head_dim=q.shape[-1], window_area=kernel_size * kernel_size)
+                   head_dim=q.shape[-1], window_area=kernel_size * kernel_size, extra_keys=int(extra_k is not None),
+                   window_weights=int(window_weights is not None))
     fn = select(OP, call, backend).fn
     if window_weights is None:
         return fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, scale, border)
