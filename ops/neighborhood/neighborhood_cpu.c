@@ -5,7 +5,8 @@
  * Built on first use by ops/_native.py and called through ctypes from ops/neighborhood/cpu.py. Why: the blocked
  * PyTorch path computes four times the products it keeps (a tile's queries against its whole key region) and
  * gathers tiles, slots and probabilities around them (gathers, scatters, fills and copies: 27% of NAT-T's
- * batch-8 forward, its products with the unused logits another 16%). Here a query's window costs its k*k dot products and k*k value rows, nothing else.
+ * batch-8 forward; its batched products, most of them discarded, another 16%). Here a query's window costs
+ * its k*k dot products and k*k value rows, nothing else.
  *
  * The window geometry comes from Python (ops/neighborhood/geometry.axis_windows, so both borders and any
  * dilation are the same as every other backend's): per map row / column the k key positions, whether each is
