@@ -77,8 +77,6 @@ class Backend:
     limits: Dict[str, int] = field(default_factory=dict)
     available: Callable[[], Optional[str]] = lambda: None
     check: Optional[Callable[[Call], List[str]]] = None
-    # the op's options the backend does not compute at all (reasons; such calls are outside its test grid)
-    unsupported: Optional[Callable[[Call], List[str]]] = None
     auto_devices: Optional[Tuple[str, ...]] = None
     # reasons not to pick it automatically (it runs when forced), e.g. measured slower on this CPU
     auto_check: Optional[Callable[[Call], List[str]]] = None
@@ -114,8 +112,6 @@ class Backend:
             v = call.size(name)
             if v is not None and v > hi:
                 out.append(f'{name} {v} > {hi}')
-        if self.unsupported is not None:
-            out.extend(self.unsupported(call))
         if self.check is not None:
             out.extend(self.check(call))
         if not forced and not out and self.auto_check is not None:

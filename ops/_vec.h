@@ -60,6 +60,26 @@ static inline vf vscale2(vf p, vf n) { return (vf)((vi)p + (__builtin_convertvec
 
 static inline lmask lanes_in(int lo, int hi) { return lanes_below(hi) & ~lanes_below(lo); }
 
+/* The first n (< VL) floats at p, the other lanes 0, reading nothing past p + n; and the store of the first n
+ * lanes (a vector's worth of a row's tail). */
+static inline vf vload_n(const float *p, int n) {
+#ifdef __AVX512F__
+    return (vf)_mm512_maskz_loadu_ps(lanes_below(n), p);
+#else
+    vf x = {0};
+    memcpy(&x, p, (size_t)n * sizeof(float));
+    return x;
+#endif
+}
+
+static inline void vstore_n(float *p, vf x, int n) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, lanes_below(n), (__m512)x);
+#else
+    memcpy(p, &x, (size_t)n * sizeof(float));
+#endif
+}
+
 static inline vf vsum(vf a, vf b) { return a + b; }
 
 /* Four reductions in one shuffle network (the cost of about one hsum / hmax): lanes 0, 4, 8 and 12

@@ -208,9 +208,7 @@ CALLS = {'window': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[
          'halo': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[2],
                                               window_area=(kw['block'] + 2 * kw['halo']) ** 2),
          'neighborhood': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1],
-                                                      window_area=kw['kernel_size'] ** 2,
-                                                      extra_keys=int('extra_k' in kw),
-                                                      window_weights=int('window_weights' in kw)),
+                                                      window_area=kw['kernel_size'] ** 2),
          'routing': lambda kw: _dispatch.Call.of(kw['q'], head_dim=kw['q'].shape[-1], tokens=kw['q'].shape[3],
                                                  keys=kw['idx'].shape[-1] * kw['k'].shape[3],
                                                  topk=kw['idx'].shape[-1]),
@@ -242,8 +240,6 @@ def grid(devices: Sequence[str], ops_: Sequence[str] = ()) -> Iterator[Param]:
             continue
         for b in _dispatch.backends(op):
             for i, case in enumerate(CASES[op]()):
-                if b.unsupported is not None and b.unsupported(CALLS[op](case.make(torch.float32, 'cpu'))):
-                    continue     # (options the backend does not compute: test_dispatch checks it refuses them)
                 for dtype in (d for d in case.dtypes if d in b.dtypes):
                     for dev in (d for d in devices if d in b.devices):
                         interpreted = b.name == 'triton' and dev == 'cpu'

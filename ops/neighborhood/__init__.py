@@ -34,21 +34,27 @@ OP = 'neighborhood'
 
 
 def _measure() -> dict:
-    """The C kernel and the torch backend on NAT-T's stage 1-3 calls and a DiNAT dilation at batch 2 (q, k, v as
-    the mixer passes them: views of one qkv projection; with the relative-position bias)."""
+    """The C kernel and the torch backend at batch 2 on NAT-T's stage 1-3 calls and a DiNAT dilation (q, k, v as the
+    mixer passes them: views of one qkv projection; with the relative-position bias) and on a TransNeXt-T stage-2 call
+    (3x3 windows, 49 pooled keys with their GridBias, window weights)."""
     g = torch.Generator().manual_seed(0)
     cases = []
     for heads, side, dilation in ((2, 56, 1), (4, 28, 1), (4, 28, 4), (8, 14, 1)):
         q, k, v = torch.randn(2, side, side, 3, heads, 32, generator=g).permute(3, 0, 4, 1, 2, 5)
         cases.append((q, k, v, 7, dilation, torch.randn(heads, 13, 13, generator=g), None, None, None, None, 'shift'))
+    q, k, v = torch.randn(2, 28, 28, 3, 6, 24, generator=g).permute(3, 0, 4, 1, 2, 5)
+    bias = GridBias(torch.randn(6, 13, 13, generator=g), torch.randint(0, 13, (28, 7), generator=g),
+                    torch.randint(0, 13, (28, 7), generator=g))
+    cases.append((q, k, v, 3, 1, torch.randn(6, 5, 5, generator=g), torch.randn(2, 6, 49, 24, generator=g),
+                  torch.randn(2, 6, 49, 24, generator=g), bias, 1.0, 'mask', torch.randn(2, 6, 28, 28, 9, generator=g)))
     fns = {'torch': lambda: [eager.neighborhood_attention(*c) for c in cases]}
     if cpu.unavailable() is None:
         fns['c'] = lambda: [cpu.neighborhood_attention(*c) for c in cases]
     return _cpu.interleaved(fns)
 
 
-_cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference neighborhood attention without extra keys (NAT, '
-              'DiNAT): the C kernel (backend cpu) or the torch backend')
+_cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference neighborhood attention (NAT, DiNAT, TransNeXt): the C '
+              'kernel (backend cpu) or the torch backend')
 
 
 def _measured_slower(call: Call) -> list:
@@ -60,7 +66,7 @@ register_op(OP, triton=triton_kernels(__name__, 'neighborhood_attention', valida
                                       doc='fused forward + backward (window slots read in place + extra-key '
                                           'tiles, one online softmax; atomics for dK/dV)'),
             cpu=dict(fn=cpu.neighborhood_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
-                     available=cpu.unavailable, unsupported=cpu.unsupported, auto_check=_measured_slower),
+                     available=cpu.unavailable, auto_check=_measured_slower),
             torch=eager.neighborhood_attention, reference=reference.neighborhood_attention)
 
 
@@ -114,8 +120,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            backend: Optional[str] = None) -> torch.Tensor:
     _validate(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, border, window_weights)
     call = Call.of(q, k, v, rpb, extra_k, extra_v, getattr(extra_bias, 'table', extra_bias), window_weights,
-                   head_dim=q.shape[-1], window_area=kernel_size * kernel_size, extra_keys=int(extra_k is not None),
-                   window_weights=int(window_weights is not None))
+                   head_dim=q.shape[-1], window_area=kernel_size * kernel_size)
     fn = select(OP, call, backend).fn
     if window_weights is None:
         return fn(q, k, v, kernel_size, dilation, rpb, extra_k, extra_v, extra_bias, scale, border)

@@ -1,15 +1,18 @@
-"""Neighborhood attention on CPU, fp32, without autograd and without extra keys (NAT / DiNAT inference): the C
-kernel of ``neighborhood_cpu.c``, one pass per query over its window (logits, bias, softmax, values).
+"""Neighborhood attention on CPU, fp32, without autograd: the C kernel of ``neighborhood_cpu.c``, one pass per block
+of queries (window logits + relative-position bias, extra-key logits + their bias, one softmax, the window values
+weighted by it plus the window weights, the extra values).
 
 It reads q, k, v through their strides (views of one qkv projection: no copies) and writes an NHWC buffer
 (B, H, W, heads, Dv) returned as a (B, heads, H, W, Dv) view, so the mixer's merge of the heads is a view too.
-The window geometry is ``geometry.axis_windows``' (both borders, any dilation, maps smaller than the window).
-Measured on the CI machine (2-core AMD EPYC, AVX-512), NAT-T's attention calls at batch 8 (qkv views, with the
-relative-position bias, kernel 7), the op alone, interleaved best of 5: (8, 2, 56, 56, 32) torch backend 41.9 ->
-11.7 ms, (8, 4, 28, 28, 32) 23.5 -> 5.8 ms, DiNAT's dilation 4 there 11.6 -> 6.1 ms, (8, 8, 14, 14, 32) 6.9 ->
-2.9 ms, (8, 16, 7, 7, 32) 1.7 -> 1.4 ms; NAT-T's whole batch-8 forward 766 -> 505 ms.
-Autograd, other dtypes and devices, extra keys, window weights and traced graphs take the ``torch`` backend.
-Needs a C compiler on first use (see ops/_native.py).
+The window geometry is ``geometry.axis_windows``' (both borders, any dilation, maps smaller than the window); an
+extra bias is a ``GridBias`` (read by its factors, never expanded) or a tensor.
+Measured on the CI machine (2-core AMD EPYC, AVX-512), batch 8, the op alone, interleaved best of 5, torch backend
+-> C: NAT-T's calls (qkv views, kernel 7, with the bias) (8, 2, 56, 56, 32) 45.3 -> 13.1 ms, (8, 4, 28, 28, 32)
+25.7 -> 6.1 ms, DiNAT's dilation 4 there 15.7 -> 8.6 ms, (8, 8, 14, 14, 32) 7.3 -> 3.0 ms; TransNeXt-T's (3x3
+windows, 49 pooled keys with their GridBias, window weights) (8, 3, 56, 56, 24) 24.0 -> 15.9 ms, (8, 6, 28, 28, 24)
+12.4 -> 7.6 ms, (8, 12, 14, 14, 24) 6.8 -> 3.6 ms. Whole forwards: NAT-T 776 -> 521 ms, TransNeXt-T 1024 -> 926.
+Autograd, other dtypes and devices and traced graphs take the ``torch`` backend. Needs a C compiler on first use
+(see ops/_native.py).
 """
 import ctypes
 from functools import lru_cache
@@ -18,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import Call, tracing
+from .._dispatch import tracing
 from .._native import load, unavailable as _unavailable
 from . import geometry as G
 
@@ -31,10 +34,13 @@ def unavailable() -> Optional[str]:
     return _unavailable(SOURCE)
 
 
-def unsupported(call: Call) -> list:
-    """What the kernel does not compute: extra keys (TransNeXt) and window weights."""
-    return [f'{name} not supported (NAT / DiNAT windows only)' for name in ('extra_keys', 'window_weights')
-            if call.size(name)]
+class _Extra(ctypes.Structure):
+    """extra_t of the C file: the extra keys / values and their bias (a GridBias's factors or a tensor)."""
+    _fields_ = [('k', ctypes.c_void_p), ('v', ctypes.c_void_p), ('ks', ctypes.POINTER(ctypes.c_long)),
+                ('vs', ctypes.POINTER(ctypes.c_long)), ('P', ctypes.c_int), ('table', ctypes.c_void_p),
+                ('table_heads', ctypes.c_int), ('Uh', ctypes.c_int), ('Uw', ctypes.c_int), ('ph', ctypes.c_int),
+                ('pw', ctypes.c_int), ('ih', ctypes.c_void_p), ('iw', ctypes.c_void_p), ('bias', ctypes.c_void_p),
+                ('bs', ctypes.POINTER(ctypes.c_long))]
 
 
 def library(portable: bool = False) -> ctypes.CDLL:
@@ -43,7 +49,8 @@ def library(portable: bool = False) -> ctypes.CDLL:
     fn = lib.mz_neighborhood_forward
     if fn.argtypes is None:   # first use of this library
         P, L, I = ctypes.c_void_p, ctypes.POINTER(ctypes.c_long), ctypes.c_int
-        fn.argtypes = [P, L, P, L, P, L, P, P, L] + [I] * 7 + [P] * 6 + [ctypes.c_float, I]
+        fn.argtypes = ([P, L, P, L, P, L, P, P, L, P, L] + [I] * 7 + [P] * 6
+                       + [ctypes.POINTER(_Extra), ctypes.c_float, I])
         fn.restype = I
     return lib
 
@@ -55,33 +62,58 @@ def _axis(n: int, kernel: int, dilation: int, border: str):
     return tuple(t.to(torch.int32).contiguous() for t in (pos, rel + kernel - 1, valid))
 
 
-def _strides(t: torch.Tensor):
-    return (ctypes.c_long * 5)(*t.stride())
+def _strides(t: Optional[torch.Tensor], n: int = 5):
+    return (ctypes.c_long * n)(*(t.stride() if t is not None else (0,) * n))
+
+
+def _extra(extra_k, extra_v, extra_bias, shape, keep: list) -> _Extra:
+    """The C struct of the extra keys (all zero: none); ``keep`` holds the tensors it points into."""
+    if extra_k is None:
+        return _Extra()
+    B, h, H, W = shape
+    ex = _Extra(k=extra_k.data_ptr(), v=extra_v.data_ptr(), ks=_strides(extra_k, 4), vs=_strides(extra_v, 4),
+                P=extra_k.shape[2])
+    if isinstance(extra_bias, G.GridBias):
+        table = extra_bias.table.detach().contiguous()
+        ih, iw = (t.to(torch.int32).contiguous() for t in (extra_bias.index_h, extra_bias.index_w))
+        keep += [table, ih, iw]
+        ex.table, ex.ih, ex.iw = table.data_ptr(), ih.data_ptr(), iw.data_ptr()
+        ex.table_heads, (ex.Uh, ex.Uw), (ex.ph, ex.pw) = table.shape[0], table.shape[1:], (ih.shape[1], iw.shape[1])
+    elif extra_bias is not None:
+        bias = extra_bias.detach().expand(B, h, H, W, extra_k.shape[2])
+        keep.append(bias)
+        ex.bias, ex.bs = bias.data_ptr(), _strides(bias)
+    keep += [ex.ks, ex.vs, ex.bs]
+    return ex
 
 
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask', window_weights=None, lib=None):
-    """Fused C kernel (compiled on first use, cached): window logits + relative-position bias, softmax and the
-    window's values per query; CPU fp32 inference, no extra keys or window weights."""
-    if extra_k is not None or window_weights is not None:
-        raise ValueError('neighborhood_attention (cpu backend): extra keys and window weights are not supported '
-                         "(take backend='torch')")
-    tensors = (q, k, v) + ((rpb,) if rpb is not None else ())
+    """Fused C kernel (compiled on first use, cached): window logits + relative-position bias and the extra keys'
+    logits + bias, one softmax, the window (+ window weights) and extra values per query; CPU fp32 inference."""
+    table = getattr(extra_bias, 'table', extra_bias)
+    tensors = [t for t in (q, k, v, rpb, extra_k, extra_v, table, window_weights) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != 'cpu' for t in tensors):
-        raise TypeError('neighborhood_attention (cpu backend): q, k, v and rpb must be float32 CPU tensors, got '
+        raise TypeError('neighborhood_attention (cpu backend): every tensor must be float32 on the CPU, got '
                         f'{[(str(t.dtype), t.device.type) for t in tensors]}')
     lib = lib or library()
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # (the kernel's rule: D contiguous)
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
+
+    def rows(t):    # (the kernel's rule: the head dimension contiguous)
+        return None if t is None else t if t.stride(-1) == 1 else t.contiguous()
+    q, k, v, extra_k, extra_v = (rows(t) for t in (q, k, v, extra_k, extra_v))
     out = torch.empty(B, H, W, h, Dv, dtype=q.dtype).permute(0, 3, 1, 2, 4)
-    rows, cols = _axis(H, kernel, dilation, border), _axis(W, kernel, dilation, border)
-    table = rpb.detach().contiguous() if rpb is not None else None
+    keep = []
+    ex = _extra(extra_k, extra_v, extra_bias, (B, h, H, W), keep)
+    rpb = rpb.detach().contiguous() if rpb is not None else None
+    ww = window_weights.detach() if window_weights is not None else None
     rc = lib.mz_neighborhood_forward(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
-        None if table is None else table.data_ptr(), out.data_ptr(), _strides(out), B, h, H, W, D, Dv, kernel,
-        *(t.data_ptr() for t in rows + cols),
-        float(D ** -0.5 if scale is None else scale), torch.get_num_threads())
+        None if rpb is None else rpb.data_ptr(), None if ww is None else ww.data_ptr(), _strides(ww),
+        out.data_ptr(), _strides(out), B, h, H, W, D, Dv, kernel,
+        *(t.data_ptr() for t in _axis(H, kernel, dilation, border) + _axis(W, kernel, dilation, border)),
+        ctypes.byref(ex), float(D ** -0.5 if scale is None else scale), torch.get_num_threads())
     if rc:
         raise MemoryError('neighborhood_attention (cpu backend): the kernel could not allocate its per-thread buffers')
     return out
