@@ -23,8 +23,10 @@ from ._builder import register_family
 from ._features import Stage, StagedModelMixin
 from ._registry import SWIN_DENSE, Dense, Family, Release, variant
 from ._renames import Rename, Renames
-from .layers import conv_act_forward, drop_path_rates, trunc_normal_init
+from .layers import _hooked, conv_act_forward, drop_path_rates, trunc_normal_init
 from .mixers.aggregated import AggregatedAttention, GlobalAttention
+from .ops._dispatch import records_grad
+from .ops._onednn import linear
 
 __all__ = ['TransNeXt']
 
@@ -53,10 +55,17 @@ class ConvGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.fc1(x).chunk(2, dim=-1)
+        # fc1's two halves as two products: each half a dense map (the halves of one product are strided views,
+        # which the depthwise conv copied first); the product a fresh map where nothing keeps h for a backward
+        if _hooked(self.fc1):   # (a hook on fc1 sees its call)
+            x, gate = self.fc1(x).chunk(2, dim=-1)
+        else:
+            n, w, b = self.fc2.in_features, self.fc1.weight, self.fc1.bias
+            x, gate = linear(x, w[:n], None if b is None else b[:n]), linear(x, w[n:], None if b is None else b[n:])
         conv = self.dwconv.dwconv   # GELU(dwconv) as one oneDNN convolution where it runs on oneDNN (inference)
         h = conv_act_forward(conv, x.permute(0, 3, 1, 2), conv.weight, conv.bias, self.act).permute(0, 2, 3, 1)
-        return self.drop(self.fc2(self.drop(h * gate)))
+        h = h.mul_(gate) if not records_grad(h, gate) and h.dtype == gate.dtype else h * gate
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class Block(nn.Module):
