@@ -92,11 +92,11 @@ def test_thread_count_does_not_change_results():
 
 
 def _force(monkeypatch, option):
-    monkeypatch.setenv('MIXZOO_CPU', f'neighborhood:{option}')
+    monkeypatch.setenv('MIXZOO_CPU', f'neighborhood:{option},neighborhood_bf16:{option}')
     monkeypatch.setattr(_cpu, '_DECIDED', {})     # (decisions are memoised per process)
 
 
-def test_dispatch_takes_it_for_fp32_inference_where_measured_faster(monkeypatch, tmp_path):
+def test_dispatch_takes_it_for_inference_where_measured_faster(monkeypatch, tmp_path):
     monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
     _force(monkeypatch, 'c')
     q = _inputs(1, 2, 8, 8, 32, 7, 1)[0][0]
@@ -104,16 +104,29 @@ def test_dispatch_takes_it_for_fp32_inference_where_measured_faster(monkeypatch,
     def call(t):
         return _dispatch.Call.of(t, head_dim=32, window_area=49)
     assert _dispatch.select('neighborhood', call(q)).name == 'cpu'
-    assert _dispatch.select('neighborhood', call(q.bfloat16())).name == 'torch'
+    assert _dispatch.select('neighborhood', call(q.bfloat16())).name == 'cpu'
+    assert _dispatch.select('neighborhood', call(q.half())).name == 'torch'
     assert _dispatch.select('neighborhood', call(q.detach().requires_grad_())).name == 'torch'
     with pytest.raises(_dispatch.BackendError, match='no backward'):
         _dispatch.select('neighborhood', call(q.detach().requires_grad_()), backend='cpu')
     _force(monkeypatch, 'torch')
     assert _dispatch.select('neighborhood', call(q)).name == 'torch'
+    assert _dispatch.select('neighborhood', call(q.bfloat16())).name == 'torch'
     assert _dispatch.select('neighborhood', call(q), backend='cpu').name == 'cpu'     # forcing still runs it
 
 
-def test_refuses_other_dtypes():
+def test_bfloat16_is_computed_in_float32_and_rounded_once():
+    (q, k, v, kernel, dilation), options = _inputs(1, 2, 9, 10, 24, 3, 1, extra=12, grid=((3, 4), 2), ww=True)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    half_options = {n: t.to(torch.bfloat16) for n, t in options.items()}
+    out = cpu.neighborhood_attention(*bf, kernel, dilation, border='mask', **half_options)
+    f32 = cpu.neighborhood_attention(*(t.float() for t in bf), kernel, dilation, border='mask',
+                                     **{n: t.to(torch.float32) for n, t in half_options.items()})
+    assert out.dtype == torch.bfloat16 and torch.equal(out, f32.bfloat16())
+
+
+def test_refuses_other_and_mixed_dtypes():
     (q, k, v, kernel, dilation), options = _inputs(1, 1, 6, 6, 8, 3, 1)
-    with pytest.raises(TypeError, match='must be float32 on the CPU'):
-        cpu.neighborhood_attention(q, k.double(), v, kernel, dilation, **options)
+    for other in (k.double(), k.bfloat16()):
+        with pytest.raises(TypeError, match=r'must be float32 \(or every one bfloat16\)'):
+            cpu.neighborhood_attention(q, other, v, kernel, dilation, **options)

@@ -33,39 +33,44 @@ __all__ = ['neighborhood_attention', 'neighborhood_aggregate', 'GridBias']
 OP = 'neighborhood'
 
 
-def _measure() -> dict:
+def _measure(dtype: torch.dtype) -> dict:
     """The C kernel and the torch backend at batch 2 on NAT-T's stage 1-3 calls and a DiNAT dilation (q, k, v as the
     mixer passes them: views of one qkv projection; with the relative-position bias) and on a TransNeXt-T stage-2 call
-    (3x3 windows, 49 pooled keys with their GridBias, window weights)."""
+    (3x3 windows, 49 pooled keys with their GridBias, window weights), in ``dtype``."""
     g = torch.Generator().manual_seed(0)
     cases = []
     for heads, side, dilation in ((2, 56, 1), (4, 28, 1), (4, 28, 4), (8, 14, 1)):
-        q, k, v = torch.randn(2, side, side, 3, heads, 32, generator=g).permute(3, 0, 4, 1, 2, 5)
-        cases.append((q, k, v, 7, dilation, torch.randn(heads, 13, 13, generator=g), None, None, None, None, 'shift'))
-    q, k, v = torch.randn(2, 28, 28, 3, 6, 24, generator=g).permute(3, 0, 4, 1, 2, 5)
-    bias = GridBias(torch.randn(6, 13, 13, generator=g), torch.randint(0, 13, (28, 7), generator=g),
+        q, k, v = torch.randn(2, side, side, 3, heads, 32, generator=g).to(dtype).permute(3, 0, 4, 1, 2, 5)
+        cases.append((q, k, v, 7, dilation, torch.randn(heads, 13, 13, generator=g).to(dtype), None, None, None, None,
+                      'shift'))
+    q, k, v = torch.randn(2, 28, 28, 3, 6, 24, generator=g).to(dtype).permute(3, 0, 4, 1, 2, 5)
+    bias = GridBias(torch.randn(6, 13, 13, generator=g).to(dtype), torch.randint(0, 13, (28, 7), generator=g),
                     torch.randint(0, 13, (28, 7), generator=g))
-    cases.append((q, k, v, 3, 1, torch.randn(6, 5, 5, generator=g), torch.randn(2, 6, 49, 24, generator=g),
-                  torch.randn(2, 6, 49, 24, generator=g), bias, 1.0, 'mask', torch.randn(2, 6, 28, 28, 9, generator=g)))
+    extra = [torch.randn(2, 6, 49, 24, generator=g).to(dtype) for _ in range(2)]
+    cases.append((q, k, v, 3, 1, torch.randn(6, 5, 5, generator=g).to(dtype), *extra, bias, 1.0, 'mask',
+                  torch.randn(2, 6, 28, 28, 9, generator=g).to(dtype)))
     fns = {'torch': lambda: [eager.neighborhood_attention(*c) for c in cases]}
     if cpu.unavailable() is None:
         fns['c'] = lambda: [cpu.neighborhood_attention(*c) for c in cases]
     return _cpu.interleaved(fns)
 
 
-_cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference neighborhood attention (NAT, DiNAT, TransNeXt): the C '
-              'kernel (backend cpu) or the torch backend')
+_CHOICE = {torch.float32: OP, torch.bfloat16: OP + '_bf16'}
+_cpu.register(OP, ('c', 'torch'), lambda: _measure(torch.float32), 'fp32 CPU inference neighborhood attention (NAT, '
+              'DiNAT, TransNeXt): the C kernel (backend cpu) or the torch backend')
+_cpu.register(OP + '_bf16', ('c', 'torch'), lambda: _measure(torch.bfloat16), 'the same for bf16 inputs (autocast): '
+              'the C kernel on float32 copies or the torch backend in bf16')
 
 
 def _measured_slower(call: Call) -> list:
-    d = _cpu.decision(OP)
+    d = _cpu.decision(_CHOICE[call.dtype])
     return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
 
 
 register_op(OP, triton=triton_kernels(__name__, 'neighborhood_attention', validated=False, head_dims=(1, 128),
                                       doc='fused forward + backward (window slots read in place + extra-key '
                                           'tiles, one online softmax; atomics for dK/dV)'),
-            cpu=dict(fn=cpu.neighborhood_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
+            cpu=dict(fn=cpu.neighborhood_attention, devices=('cpu',), dtypes=cpu.DTYPES, autograd=False,
                      available=cpu.unavailable, auto_check=_measured_slower),
             torch=eager.neighborhood_attention, reference=reference.neighborhood_attention)
 

@@ -11,7 +11,10 @@ Measured on the CI machine (2-core AMD EPYC, AVX-512), batch 8, the op alone, in
 25.7 -> 6.1 ms, DiNAT's dilation 4 there 15.7 -> 8.6 ms, (8, 8, 14, 14, 32) 7.3 -> 3.0 ms; TransNeXt-T's (3x3
 windows, 49 pooled keys with their GridBias, window weights) (8, 3, 56, 56, 24) 24.0 -> 15.9 ms, (8, 6, 28, 28, 24)
 12.4 -> 7.6 ms, (8, 12, 14, 14, 24) 6.8 -> 3.6 ms. Whole forwards: NAT-T 776 -> 521 ms, TransNeXt-T 1024 -> 926.
-Autograd, other dtypes and devices and traced graphs take the ``torch`` backend. Needs a C compiler on first use
+bfloat16 calls (CPU autocast) are computed in float32 from converted copies, the result rounded once to bfloat16,
+where this CPU measured that faster than the torch backend's bf16 products (choice ``neighborhood_bf16``; NAT-T's
+bf16 forward ran slower than its fp32 one without it). Autograd, other devices and traced graphs take the
+``torch`` backend. Needs a C compiler on first use
 (see ops/_native.py).
 """
 import ctypes
@@ -26,6 +29,7 @@ from .._native import load, unavailable as _unavailable
 from . import geometry as G
 
 SOURCE = Path(__file__).with_name('neighborhood_cpu.c')
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 def unavailable() -> Optional[str]:
@@ -93,9 +97,15 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     logits + bias, one softmax, the window (+ window weights) and extra values per query; CPU fp32 inference."""
     table = getattr(extra_bias, 'table', extra_bias)
     tensors = [t for t in (q, k, v, rpb, extra_k, extra_v, table, window_weights) if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != 'cpu' for t in tensors):
-        raise TypeError('neighborhood_attention (cpu backend): every tensor must be float32 on the CPU, got '
-                        f'{[(str(t.dtype), t.device.type) for t in tensors]}')
+    if any(t.dtype not in DTYPES or t.dtype != q.dtype or t.device.type != 'cpu' for t in tensors):
+        raise TypeError('neighborhood_attention (cpu backend): every tensor must be float32 (or every one bfloat16) '
+                        f'on the CPU, got {[(str(t.dtype), t.device.type) for t in tensors]}')
+    if q.dtype == torch.bfloat16:   # computed in float32 (converted copies), the result rounded once to bfloat16
+        def f32(t):     # (tensors and GridBias)
+            return None if t is None else t.to(torch.float32)
+        return neighborhood_attention(*(f32(t) for t in (q, k, v)), kernel, dilation, f32(rpb), f32(extra_k),
+                                      f32(extra_v), f32(extra_bias), scale, border, f32(window_weights),
+                                      lib).to(torch.bfloat16)
     lib = lib or library()
     B, h, H, W, D = q.shape
     Dv = v.shape[-1]
