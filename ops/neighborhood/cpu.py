@@ -12,7 +12,7 @@ Measured on the CI machine (2-core AMD EPYC, AVX-512), batch 8, the op alone, in
 windows, 49 pooled keys with their GridBias, window weights) (8, 3, 56, 56, 24) 24.0 -> 15.9 ms, (8, 6, 28, 28, 24)
 12.4 -> 7.6 ms, (8, 12, 14, 14, 24) 6.8 -> 3.6 ms. Whole forwards: NAT-T 776 -> 521 ms, TransNeXt-T 1024 -> 926.
 bfloat16 calls (CPU autocast) are computed in float32 from converted copies, the result rounded once to bfloat16,
-where this CPU measured that faster than the torch backend's bf16 products (choice ``neighborhood_bf16``; NAT-T's
+where this CPU measured that faster than the torch backend's bf16 products (choice ``neighborhood_bf16``; DiNAT-T's
 bf16 forward ran slower than its fp32 one without it). Autograd, other devices and traced graphs take the
 ``torch`` backend. Needs a C compiler on first use
 (see ops/_native.py).
