@@ -130,3 +130,10 @@ def test_refuses_other_and_mixed_dtypes():
     for other in (k.double(), k.bfloat16()):
         with pytest.raises(TypeError, match=r'must be float32 \(or every one bfloat16\)'):
             cpu.neighborhood_attention(q, other, v, kernel, dilation, **options)
+
+
+def test_a_grid_bias_outside_its_table_is_an_error():
+    (q, k, v, kernel, dilation), options = _inputs(1, 2, 6, 7, 8, 3, 1, extra=12, grid=((3, 4), 2))
+    bad = GridBias(options['extra_bias'].table, options['extra_bias'].index_h + 5, options['extra_bias'].index_w)
+    with pytest.raises(ValueError, match='GridBias over 12 extra keys needs'):
+        cpu.neighborhood_attention(q, k, v, kernel, dilation, border='mask', **dict(options, extra_bias=bad))

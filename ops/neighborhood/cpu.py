@@ -1,5 +1,5 @@
-"""Neighborhood attention on CPU, fp32, without autograd: the C kernel of ``neighborhood_cpu.c``, one pass per block
-of queries (window logits + relative-position bias, extra-key logits + their bias, one softmax, the window values
+"""Neighborhood attention on CPU, fp32 (bf16 inputs computed in fp32), without autograd: the C kernel of
+``neighborhood_cpu.c``, one pass per block of queries (window logits + relative-position bias, extra-key logits + their bias, one softmax, the window values
 weighted by it plus the window weights, the extra values).
 
 It reads q, k, v through their strides (views of one qkv projection: no copies) and writes an NHWC buffer
@@ -14,8 +14,7 @@ windows, 49 pooled keys with their GridBias, window weights) (8, 3, 56, 56, 24) 
 bfloat16 calls (CPU autocast) are computed in float32 from converted copies, the result rounded once to bfloat16,
 where this CPU measured that faster than the torch backend's bf16 products (choice ``neighborhood_bf16``; DiNAT-T's
 bf16 forward ran slower than its fp32 one without it). Autograd, other devices and traced graphs take the
-``torch`` backend. Needs a C compiler on first use
-(see ops/_native.py).
+``torch`` backend. Needs a C compiler on first use (see ops/_native.py).
 """
 import ctypes
 from functools import lru_cache
@@ -80,6 +79,12 @@ def _extra(extra_k, extra_v, extra_bias, shape, keep: list) -> _Extra:
     if isinstance(extra_bias, G.GridBias):
         table = extra_bias.table.detach().contiguous()
         ih, iw = (t.to(torch.int32).contiguous() for t in (extra_bias.index_h, extra_bias.index_w))
+        if ih.shape[1] * iw.shape[1] != ex.P or not (0 <= int(ih.min()) and int(ih.max()) < table.shape[1]
+                                                     and 0 <= int(iw.min()) and int(iw.max()) < table.shape[2]):
+            raise ValueError(f'neighborhood_attention: a GridBias over {ex.P} extra keys needs index_h (H, ph) and '
+                             f'index_w (W, pw) with ph * pw = {ex.P}, indexing its table {tuple(table.shape)}; got '
+                             f'{tuple(ih.shape)}, {tuple(iw.shape)} in [{int(ih.min())}, {int(ih.max())}] / '
+                             f'[{int(iw.min())}, {int(iw.max())}]')
         keep += [table, ih, iw]
         ex.table, ex.ih, ex.iw = table.data_ptr(), ih.data_ptr(), iw.data_ptr()
         ex.table_heads, (ex.Uh, ex.Uw), (ex.ph, ex.pw) = table.shape[0], table.shape[1:], (ih.shape[1], iw.shape[1])
@@ -94,7 +99,7 @@ def _extra(extra_k, extra_v, extra_bias, shape, keep: list) -> _Extra:
 def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, extra_v=None, extra_bias=None,
                            scale=None, border='mask', window_weights=None, lib=None):
     """Fused C kernel (compiled on first use, cached): window logits + relative-position bias and the extra keys'
-    logits + bias, one softmax, the window (+ window weights) and extra values per query; CPU fp32 inference."""
+    logits + bias, one softmax, the window (+ window weights) and extra values per query; CPU fp32 / bf16 inference."""
     table = getattr(extra_bias, 'table', extra_bias)
     tensors = [t for t in (q, k, v, rpb, extra_k, extra_v, table, window_weights) if t is not None]
     if any(t.dtype not in DTYPES or t.dtype != q.dtype or t.device.type != 'cpu' for t in tensors):
