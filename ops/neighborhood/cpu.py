@@ -1,6 +1,6 @@
 """Neighborhood attention on CPU, fp32 (bf16 inputs computed in fp32), without autograd: the C kernel of
-``neighborhood_cpu.c``, one pass per block of queries (window logits + relative-position bias, extra-key logits + their bias, one softmax, the window values
-weighted by it plus the window weights, the extra values).
+``neighborhood_cpu.c``, one pass per block of queries (window logits + relative-position bias, extra-key logits +
+their bias, one softmax, the window values weighted by it plus the window weights, the extra values).
 
 It reads q, k, v through their strides (views of one qkv projection: no copies) and writes an NHWC buffer
 (B, H, W, heads, Dv) returned as a (B, heads, H, W, Dv) view, so the mixer's merge of the heads is a view too.
