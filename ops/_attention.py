@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import _cpu
 from ._dispatch import records_grad, tracing
-from ._native import load, unavailable as _unavailable
+from ._native import load, strides, unavailable as _unavailable
 
 __all__ = ['attention', 'chunked', 'fused', 'matmul_preferred', 'unavailable']
 
@@ -71,10 +71,6 @@ def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     return option
 
 
-def _strides(t: torch.Tensor):
-    return (ctypes.c_long * 4)(*t.stride())
-
-
 def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
           scale: Optional[float] = None) -> torch.Tensor:
     """The C kernel: fp32 CPU q (B, H, T, D), k (B, H, L, D), v (B, H, L, Dv), any strides; mask broadcastable to
@@ -87,8 +83,8 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
     m = None if mask is None else mask.to(torch.float32).expand(B, H, T, L)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype)
     rc = _library().mz_attention_forward(
-        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
-        None if m is None else m.data_ptr(), _strides(m if m is not None else q), out.data_ptr(), _strides(out),
+        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v),
+        None if m is None else m.data_ptr(), strides(m, 4), out.data_ptr(), strides(out),
         B, H, T, L, D, Dv, float(D ** -0.5 if scale is None else scale), torch.get_num_threads())
     if rc:
         raise MemoryError('attention (C kernel): could not allocate its per-thread buffers')

@@ -33,18 +33,11 @@ int mz_attention_forward(const float *q, const long *qs, const float *k, const l
                 const int b = bh / H, h = bh % H;
                 const float *kb = k + b * ks[0] + h * ks[1], *vb = v + b * vs[0] + h * vs[1];
                 const float *qb = q + b * qs[0] + h * qs[1];
-                for (int d = 0; d < D; d++) {
-                    float *row = kt + (long)d * Lp;
-                    for (int l = 0; l < L; l++) row[l] = kb[l * ks[2] + d * ks[3]] * scale;
-                }
-                for (int l = 0; l < L; l++) {
-                    float *row = vp + (long)l * Dvp;
-                    for (int e = 0; e < Dv; e++) row[e] = vb[l * vs[2] + e * vs[3]];
-                }
+                pack_transposed(kt, Lp, kb, ks[2], ks[3], L, D, scale);
+                pack_rows(vp, Dvp, vb, vs[2], vs[3], L, Dv);
                 for (int t0 = 0; t0 < T; t0 += RB) {
                     const int rb = T - t0 < RB ? T - t0 : RB;
-                    for (int i = 0; i < rb; i++)
-                        for (int d = 0; d < D; d++) qa[i * D + d] = qb[(t0 + i) * qs[2] + d * qs[3]];
+                    pack_rows(qa, D, qb + t0 * qs[2], qs[2], qs[3], rb, D);
                     gemm(rb, Lp, D, qa, D, kt, Lp, s, Lp);
                     float sum[RB];
                     for (int i = 0; i < rb; i++) {

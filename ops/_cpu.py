@@ -166,6 +166,13 @@ def choice(name: str) -> str:
     return (entry or decision(name))['option']
 
 
+def kernel_not_chosen(name: str) -> List[str]:
+    """For a C-kernel op backend's ``auto_check``: [] where this CPU's choice ``name`` picked the kernel ('c'), else
+    why the dispatcher does not take it by itself (forcing still runs it)."""
+    d = decision(name)
+    return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
+
+
 def explain(name: str) -> str:
     """How choice ``name`` was decided here: its source and, where measured, each option's time."""
     d = decision(name)

@@ -23,7 +23,9 @@ import threading
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-__all__ = ['NativeUnavailable', 'load', 'unavailable']
+from ._dispatch import tracing
+
+__all__ = ['NativeUnavailable', 'backend_unavailable', 'load', 'strides', 'unavailable']
 
 FLAGS = ['-O3', '-std=gnu11', '-ffp-contract=fast', '-fopenmp', '-fPIC', '-shared', '-Wno-psabi']
 ARCH = ['-march=native']
@@ -130,3 +132,17 @@ def unavailable(src: Union[str, Path]) -> Optional[str]:
         return None
     except NativeUnavailable as e:
         return str(e)
+
+
+def backend_unavailable(src: Union[str, Path]) -> Optional[str]:
+    """:func:`unavailable` for a dispatcher backend's ``available`` check, which is also asked inside traced calls:
+    there the tracing is the reason, given before the file system is reached (under torch.compile a graph break)."""
+    if tracing():
+        return 'inside torch.compile / export / FX or TorchScript tracing (an opaque C call on raw data)'
+    return unavailable(src)
+
+
+def strides(t, n: Optional[int] = None) -> ctypes.Array:
+    """``t``'s strides in elements as the C ``long`` array the kernels take (``n`` zeros for ``t`` None)."""
+    values = t.stride() if t is not None else (0,) * n
+    return (ctypes.c_long * len(values))(*values)

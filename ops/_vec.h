@@ -138,6 +138,22 @@ static inline int all_allocated(int ok, int *failed) {
     return !f;
 }
 
+/* ---- packing strided operands for the small products below ---- */
+
+/* dst[c * ld + r] = src[r * rs + c * cs] * scale (r < rows, c < cols): a strided matrix, transposed */
+static inline void pack_transposed(float *restrict dst, long ld, const float *restrict src, long rs, long cs,
+                                   int rows, int cols, float scale) {
+    for (int c = 0; c < cols; c++)
+        for (int r = 0; r < rows; r++) dst[c * ld + r] = src[r * rs + c * cs] * scale;
+}
+
+/* dst[r * ld + c] = src[r * rs + c * cs] (r < rows, c < cols): a strided matrix, row-major */
+static inline void pack_rows(float *restrict dst, long ld, const float *restrict src, long rs, long cs, int rows,
+                             int cols) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[r * ld + c] = src[r * rs + c * cs];
+}
+
 /* ---- small products and softmax rows (the attention kernels') ---- */
 
 /* C (MR x NV*VL) = A (MR x K, row stride lda) @ B (K x NV*VL, row stride ldb); B and C 64-byte

@@ -29,6 +29,16 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, _CORES))
 
 
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty CPU-choice decision cache (file and memo, mixzoo.ops._cpu) and no MIXZOO_CPU."""
+    from mixzoo.ops import _cpu
+    monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
+    monkeypatch.delenv('MIXZOO_CPU', raising=False)
+    monkeypatch.setattr(_cpu, '_DECIDED', {})
+    return tmp_path / 'cpu-choices.json'
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,15 +12,6 @@ from mixzoo.ops import halo as halo_op
 from mixzoo.ops.__main__ import main
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """An empty decision cache (file and memo) and no MIXZOO_CPU."""
-    monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
-    monkeypatch.delenv('MIXZOO_CPU', raising=False)
-    monkeypatch.setattr(_cpu, '_DECIDED', {})
-    return tmp_path / 'cpu-choices.json'
-
-
 def test_a_near_tie_keeps_the_first_option(fresh, monkeypatch):
     monkeypatch.setitem(_cpu._CHOICES, 'tie',
                         _cpu.Choice('tie', ('a', 'b'), lambda: {'a': 1.03e-3, 'b': 1e-3}, 'a tie'))

@@ -96,8 +96,7 @@ def _force(monkeypatch, option):
     monkeypatch.setattr(_cpu, '_DECIDED', {})     # (decisions are memoised per process)
 
 
-def test_dispatch_takes_it_for_inference_where_measured_faster(monkeypatch, tmp_path):
-    monkeypatch.setenv('MIXZOO_CACHE', str(tmp_path))
+def test_dispatch_takes_it_for_inference_where_measured_faster(fresh, monkeypatch):
     _force(monkeypatch, 'c')
     q = _inputs(1, 2, 8, 8, 32, 7, 1)[0][0]
 

@@ -9,7 +9,8 @@ once, as torch's bf16 kernel does), where this CPU measured it faster than torch
 torch's CPU kernel evaluates a vector tanh per element, about 2.7x the time of a memory-bound pass; the C
 kernel computes the same function as ``x * sigmoid(2u)`` with one exp. Measured on this project's CI machine
 (2-core AMD EPYC, AVX-512, 2 threads), a (8, 256, 56, 56) map (MaxViT-T's first-stage MBConv): forward
-5.55 -> 2.05 ms (1.64 without allocating the output), backward 6.02 -> 2.06 ms (the kernel); MaxViT-T, the family that uses it, runs 90 of them per training step.
+5.55 -> 2.05 ms (1.64 without allocating the output), backward 6.02 -> 2.06 ms (the kernel); MaxViT-T, the family
+that uses it, runs 90 of them per training step.
 Other dtypes and devices, and traced or compiled graphs, take ``F.gelu``.
 """
 import ctypes

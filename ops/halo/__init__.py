@@ -45,16 +45,11 @@ _cpu.register(OP, ('c', 'torch'), _measure, 'fp32 CPU inference halo attention: 
               'the torch backend')
 
 
-def _measured_slower(call: Call) -> list:
-    d = _cpu.decision(OP)
-    return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
-
-
 register_op(OP, triton=triton_kernels(__name__, 'halo_attention', validated=True, head_dims=(1, 128),
                                       limits={'window_area': 1024}, doc='fused forward + backward reading the '
                                       'halo window from the map (no unfolded K/V)'),
             cpu=dict(fn=cpu.halo_attention, devices=('cpu',), dtypes=(torch.float32,), autograd=False,
-                     available=cpu.unavailable, auto_check=_measured_slower),
+                     available=cpu.unavailable, auto_check=lambda call: _cpu.kernel_not_chosen(OP)),
             torch=eager.halo_attention, reference=reference.halo_attention)
 
 

@@ -21,16 +21,14 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import empty, tracing
-from .._native import load, unavailable as _unavailable
+from .._dispatch import empty
+from .._native import backend_unavailable, load, strides
 
 SOURCE = Path(__file__).with_name('halo_cpu.c')
 
 
 def unavailable() -> Optional[str]:
-    if tracing():   # first: under torch.compile this must not reach the file system (graph breaks)
-        return 'inside torch.compile / export / FX or TorchScript tracing (an opaque C call on raw data)'
-    return _unavailable(SOURCE)
+    return backend_unavailable(SOURCE)
 
 
 def library(portable: bool = False) -> ctypes.CDLL:
@@ -42,10 +40,6 @@ def library(portable: bool = False) -> ctypes.CDLL:
         fn.argtypes = [P, L, P, L, P, L, P, L, P, P] + [I] * 10 + [ctypes.c_float, I, I]
         fn.restype = I
     return lib
-
-
-def _strides(t: torch.Tensor):
-    return (ctypes.c_long * 5)(*t.stride())
 
 
 def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, border='zero_pad', lib=None):
@@ -62,8 +56,8 @@ def halo_attention(q, k, v, block, halo, rel_h=None, rel_w=None, scale=None, bor
     out = empty(B, Hq, Wq, h, Dv, dtype=q.dtype, device=q.device).permute(0, 3, 4, 1, 2)
     if rel_h is not None:
         rel_h, rel_w = rel_h.detach().contiguous(), rel_w.detach().contiguous()
-    rc = lib.mz_halo_forward(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
-                             out.data_ptr(), _strides(out),
+    rc = lib.mz_halo_forward(q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v),
+                             out.data_ptr(), strides(out),
                              rel_h.data_ptr() if rel_h is not None else None,
                              rel_w.data_ptr() if rel_w is not None else None,
                              B, h, D, Dv, H, W, Hq, Wq, block, halo, float(scale), int(border == 'zero_pad'),

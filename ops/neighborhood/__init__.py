@@ -62,16 +62,11 @@ _cpu.register(OP + '_bf16', ('c', 'torch'), lambda: _measure(torch.bfloat16), 't
               'the C kernel on float32 copies or the torch backend in bf16')
 
 
-def _measured_slower(call: Call) -> list:
-    d = _cpu.decision(_CHOICE[call.dtype])
-    return [] if d['option'] == 'c' else [f'measured slower than the torch backend on this CPU ({d["source"]})']
-
-
 register_op(OP, triton=triton_kernels(__name__, 'neighborhood_attention', validated=False, head_dims=(1, 128),
                                       doc='fused forward + backward (window slots read in place + extra-key '
                                           'tiles, one online softmax; atomics for dK/dV)'),
             cpu=dict(fn=cpu.neighborhood_attention, devices=('cpu',), dtypes=cpu.DTYPES, autograd=False,
-                     available=cpu.unavailable, auto_check=_measured_slower),
+                     available=cpu.unavailable, auto_check=lambda call: _cpu.kernel_not_chosen(_CHOICE[call.dtype])),
             torch=eager.neighborhood_attention, reference=reference.neighborhood_attention)
 
 

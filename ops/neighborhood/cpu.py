@@ -23,8 +23,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import tracing
-from .._native import load, unavailable as _unavailable
+from .._native import backend_unavailable, load, strides
 from . import geometry as G
 
 SOURCE = Path(__file__).with_name('neighborhood_cpu.c')
@@ -32,9 +31,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def unavailable() -> Optional[str]:
-    if tracing():   # first: under torch.compile this must not reach the file system (graph breaks)
-        return 'inside torch.compile / export / FX or TorchScript tracing (an opaque C call on raw data)'
-    return _unavailable(SOURCE)
+    return backend_unavailable(SOURCE)
 
 
 class _Extra(ctypes.Structure):
@@ -65,16 +62,12 @@ def _axis(n: int, kernel: int, dilation: int, border: str):
     return tuple(t.to(torch.int32).contiguous() for t in (pos, rel + kernel - 1, valid))
 
 
-def _strides(t: Optional[torch.Tensor], n: int = 5):
-    return (ctypes.c_long * n)(*(t.stride() if t is not None else (0,) * n))
-
-
 def _extra(extra_k, extra_v, extra_bias, shape, keep: list) -> _Extra:
     """The C struct of the extra keys (all zero: none); ``keep`` holds the tensors it points into."""
     if extra_k is None:
         return _Extra()
     B, h, H, W = shape
-    ex = _Extra(k=extra_k.data_ptr(), v=extra_v.data_ptr(), ks=_strides(extra_k, 4), vs=_strides(extra_v, 4),
+    ex = _Extra(k=extra_k.data_ptr(), v=extra_v.data_ptr(), ks=strides(extra_k), vs=strides(extra_v),
                 P=extra_k.shape[2])
     if isinstance(extra_bias, G.GridBias):
         table = extra_bias.table.detach().contiguous()
@@ -91,7 +84,7 @@ def _extra(extra_k, extra_v, extra_bias, shape, keep: list) -> _Extra:
     elif extra_bias is not None:
         bias = extra_bias.detach().expand(B, h, H, W, extra_k.shape[2])
         keep.append(bias)
-        ex.bias, ex.bs = bias.data_ptr(), _strides(bias)
+        ex.bias, ex.bs = bias.data_ptr(), strides(bias)
     keep += [ex.ks, ex.vs, ex.bs]
     return ex
 
@@ -124,9 +117,9 @@ def neighborhood_attention(q, k, v, kernel, dilation=1, rpb=None, extra_k=None, 
     rpb = rpb.detach().contiguous() if rpb is not None else None
     ww = window_weights.detach() if window_weights is not None else None
     rc = lib.mz_neighborhood_forward(
-        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
-        None if rpb is None else rpb.data_ptr(), None if ww is None else ww.data_ptr(), _strides(ww),
-        out.data_ptr(), _strides(out), B, h, H, W, D, Dv, kernel,
+        q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v),
+        None if rpb is None else rpb.data_ptr(), None if ww is None else ww.data_ptr(), strides(ww, 5),
+        out.data_ptr(), strides(out), B, h, H, W, D, Dv, kernel,
         *(t.data_ptr() for t in _axis(H, kernel, dilation, border) + _axis(W, kernel, dilation, border)),
         ctypes.byref(ex), float(D ** -0.5 if scale is None else scale), torch.get_num_threads())
     if rc:

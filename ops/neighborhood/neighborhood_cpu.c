@@ -91,11 +91,8 @@ int mz_neighborhood_forward(const float *q, const long *qs, const float *k, cons
                     for (int g = 0; g < NH; g++) {
                         const float *ekb = ex->k + b * ex->ks[0] + g * ex->ks[1];
                         const float *evb = ex->v + b * ex->vs[0] + g * ex->vs[1];
-                        float *ktg = kt + (long)g * D * Pp, *veg = ve + (long)g * P * Dvp;
-                        for (int e = 0; e < P; e++)
-                            for (int d = 0; d < D; d++) ktg[(long)d * Pp + e] = ekb[e * ex->ks[2] + d];
-                        for (int e = 0; e < P; e++)
-                            for (int c = 0; c < Dv; c++) veg[(long)e * Dvp + c] = evb[e * ex->vs[2] + c];
+                        pack_transposed(kt + (long)g * D * Pp, Pp, ekb, ex->ks[2], 1, P, D, 1.0f);
+                        pack_rows(ve + (long)g * P * Dvp, Dvp, evb, ex->vs[2], 1, P, Dv);
                     }
                     packed = b;
                 }
@@ -104,10 +101,7 @@ int mz_neighborhood_forward(const float *q, const long *qs, const float *k, cons
                                               : NULL;
                 for (int x0 = 0; x0 < W; x0 += RB) {
                     const int rb = W - x0 < RB ? W - x0 : RB;
-                    for (int i = 0; i < rb; i++) {
-                        const float *qp = q + b * qs[0] + h * qs[1] + y * qs[2] + (x0 + i) * qs[3];
-                        for (int d = 0; d < D; d++) qa[i * D + d] = qp[d];
-                    }
+                    pack_rows(qa, D, q + b * qs[0] + h * qs[1] + y * qs[2] + x0 * qs[3], qs[3], 1, rb, D);
                     if (P) {   /* the block's extra-key logits, scaled, plus their bias */
                         gemm(rb, Pp, D, qa, D, kth, Pp, se, Pp);
                         for (int i = 0; i < rb; i++) {
