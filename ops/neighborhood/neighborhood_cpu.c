@@ -74,7 +74,8 @@ int mz_neighborhood_forward(const float *q, const long *qs, const float *k, cons
         const float **vp = zalloc((size_t)RB * K2 * sizeof(float *));
         int *slot = zalloc((size_t)RB * K2 * sizeof(int)), *count = zalloc(RB * sizeof(int));
         float *bias = zalloc((size_t)K2 * sizeof(float)), *recip = zalloc(RB * sizeof(float));
-        float *se = P ? zalloc((size_t)RB * Pp * sizeof(float)) : NULL, *o = P ? zalloc((size_t)RB * Dvp * 4) : NULL;
+        float *se = P ? zalloc((size_t)RB * Pp * sizeof(float)) : NULL;
+        float *o = P ? zalloc((size_t)RB * Dvp * sizeof(float)) : NULL;
         float *kt = P ? zalloc((size_t)NH * D * Pp * sizeof(float)) : NULL;
         float *ve = P ? zalloc((size_t)NH * P * Dvp * sizeof(float)) : NULL;
         long packed = -1;   /* the image whose extra keys (every head's) kt / ve hold */
